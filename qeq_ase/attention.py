@@ -1,0 +1,118 @@
+"""Equivariant multi-head attention layer over neighbours (scalar l=0 + vector l=1 channels).
+
+The anatomy follows the equivariant transformer of TorchMD-Net and PaiNN: node features
+``s [N, F]`` (invariant) and ``v [N, 3, F]`` (equivariant) are updated residually by
+messages from the neighbours within the cutoff.
+
+Attention normalisation (arXiv:2601.02213): queries and the filtered keys are
+L2-normalised per head and their cosine is divided by a learned temperature, so every
+logit lies in ``[-1/tau, 1/tau]`` whatever the scale of the features. Bounded logits are
+what make attention robust when features are quantized to 8 bits; ``normalize=False``
+gives the usual ``q.k / sqrt(d)`` logits for ablations.
+
+Attention weights are a softmax with a "sink" of logit 0 and every term weighted by the
+cutoff envelope ``C(r_ij)``::
+
+    a_ij = C_ij exp(l_ij) / (1 + sum_k C_ik exp(l_ik))
+
+The sink keeps the weights continuous when the last neighbour leaves the cutoff (a plain
+softmax would jump from 1 to 0); the envelope makes them vanish smoothly at ``r_c``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .layers import LayerFactory
+
+
+def scatter_sum(src: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.Tensor:
+    """Sum rows of ``src`` into ``dim_size`` rows by ``index`` (along dim 0)."""
+    out = src.new_zeros((dim_size,) + src.shape[1:])
+    return out.index_add_(0, index, src)
+
+
+def sink_softmax(logits: torch.Tensor, weight: torch.Tensor, receiver: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """``weight * exp(l) / (1 + sum weight * exp(l))`` over the edges of each receiver.
+
+    ``logits`` ``[E, H]``, ``weight`` ``[E]`` (the cutoff envelope). A per-receiver shift
+    (detached: the result does not depend on it) keeps ``exp`` finite for any logits.
+    """
+    shift = torch.zeros(num_nodes, logits.shape[1], dtype=logits.dtype, device=logits.device)
+    shift = shift.scatter_reduce(0, receiver[:, None].expand_as(logits), logits.detach(), "amax", include_self=True)
+    w = weight[:, None] * torch.exp(logits - torch.index_select(shift, 0, receiver))
+    denominator = torch.exp(-shift) + scatter_sum(w, receiver, num_nodes)
+    return w / torch.index_select(denominator, 0, receiver)
+
+
+class EquivariantAttention(nn.Module):
+    """One interaction layer: attention-weighted scalar messages and equivariant vector messages.
+
+    Shapes: ``s [N, F]``, ``v [N, 3, F]``, ``edge_features [E, F]`` (radial embedding),
+    ``envelope [E]``, ``unit [E, 3]`` (unit vector from receiver ``i`` to sender ``j``).
+    """
+
+    def __init__(self, num_features: int, num_heads: int, normalize: bool = True,
+                 temperature: float = 0.2, factory: LayerFactory | None = None):
+        super().__init__()
+        if num_features % num_heads:
+            raise ValueError(f"num_features={num_features} is not divisible by num_heads={num_heads}")
+        factory = factory or LayerFactory()
+        F = num_features
+        self.num_features, self.num_heads, self.normalize = F, num_heads, normalize
+        self.norm = nn.LayerNorm(F)
+        self.scalar_in = factory.observer("scalar", F)
+        self.vector_in = factory.observer("vector", F)
+        self.qkv = factory.scalar_linear(F, 5 * F)            # q, k, and 3 value parts
+        self.vector_mix = factory.vector_linear(F, 3 * F, )   # v1, v2, v3
+        self.edge_filter = factory.scalar_linear(F, 4 * F, bias=False)  # key filter, 3 value filters
+        self.scalar_out = factory.observer("scalar", F)
+        self.out = factory.scalar_linear(F, 3 * F)
+        # transformer-style node-wise feed-forward block on the scalar channel
+        self.ffn_norm = nn.LayerNorm(F)
+        self.ffn_in = factory.observer("scalar", F)
+        self.ffn_hidden = factory.scalar_linear(F, 2 * F)
+        self.ffn_out = factory.scalar_linear(2 * F, F)
+        # log(1/temperature) per head; only used with normalize=True
+        self.log_inv_temperature = nn.Parameter(torch.full((num_heads,), math.log(1.0 / temperature)))
+
+    def attention_logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``[E, H]`` logits from per-edge queries and keys ``[E, H, F/H]``."""
+        if self.normalize:
+            cos = (nn.functional.normalize(q, dim=-1) * nn.functional.normalize(k, dim=-1)).sum(-1)
+            return cos * self.log_inv_temperature.clamp(max=math.log(100.0)).exp()
+        return (q * k).sum(-1) / math.sqrt(q.shape[-1])
+
+    def forward(self, s, v, edge_index, edge_features, envelope, unit):
+        sender, receiver = edge_index
+        N, F, H = s.shape[0], self.num_features, self.num_heads
+        s_in = self.scalar_in(self.norm(s))
+        v_in = self.vector_in(v)
+
+        q, k, values = self.qkv(s_in).split([F, F, 3 * F], dim=-1)
+        v1, v2, v3 = self.vector_mix(v_in).split(F, dim=-1)
+        key_filter, value_filter = self.edge_filter(edge_features).split([F, 3 * F], dim=-1)
+        value_filter = value_filter * envelope[:, None]
+
+        # index_select, not x[index]: its backward is a fast index_add_, not index_put_
+        k_j, values_j = torch.index_select(torch.cat([k, values], dim=-1), 0, sender).split([F, 3 * F], dim=-1)
+        q_i = torch.index_select(q, 0, receiver)
+        logits = self.attention_logits(q_i.view(-1, H, F // H), (k_j * key_filter).view(-1, H, F // H))
+        attn = sink_softmax(logits, envelope, receiver, N)                     # [E, H]
+
+        x, g_vec, g_dir = (values_j * value_filter).split(F, dim=-1)
+        msg_s = (x.view(-1, H, F // H) * attn[:, :, None]).view(-1, F)          # [E, F]
+        v_j = torch.index_select(v_in, 0, sender)
+        msg_v = v_j * g_vec[:, None, :] + unit[:, :, None] * g_dir[:, None, :]  # [E, 3, F]
+        agg_s = self.scalar_out(scatter_sum(msg_s, receiver, N))
+        agg_v = scatter_sum(msg_v, receiver, N)
+
+        o1, o2, o3 = self.out(agg_s).split(F, dim=-1)
+        ds = (v1 * v2).sum(dim=1) * o2 + o3
+        dv = v3 * o1[:, None, :] + agg_v
+        s = s + ds
+        s = s + self.ffn_out(nn.functional.silu(self.ffn_hidden(self.ffn_in(self.ffn_norm(s)))))
+        return s, v + dv

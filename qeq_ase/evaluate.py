@@ -1,0 +1,67 @@
+"""Energy and force errors of a potential on reference frames (``qeq-eval``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from .dataset import Frames, load_rmd17
+from .graph import molecules_to_graph
+from .model import QEqModel
+
+
+def predict_frames(model: QEqModel, frames: Frames, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted energies (eV ``[n_frames]``) and forces (eV/Å ``[n_frames, n_atoms, 3]``)."""
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    energies, forces = [], []
+    for start in range(0, len(frames), batch_size):
+        pos = frames.positions[start:start + batch_size]
+        graph = molecules_to_graph([frames.numbers] * len(pos), list(pos), model.config.cutoff, dtype, device)
+        out = model.energy_and_forces(graph.positions, model.species_index(graph.numbers), graph.edge_index,
+                                      graph.batch, graph.num_graphs)
+        energies.append(out["energy"].detach().cpu().numpy())
+        forces.append(out["forces"].detach().cpu().numpy().reshape(len(pos), frames.n_atoms, 3))
+    return np.concatenate(energies), np.concatenate(forces)
+
+
+def error_metrics(frames: Frames, energy: np.ndarray, forces: np.ndarray) -> dict[str, float]:
+    """MAE and RMSE of energies (meV) and force components (meV/Å)."""
+    de = (energy - frames.energy) * 1000.0
+    df = (forces - frames.forces) * 1000.0
+    return {
+        "energy_mae_meV": float(np.abs(de).mean()),
+        "energy_rmse_meV": float(np.sqrt((de ** 2).mean())),
+        "forces_mae_meV_per_A": float(np.abs(df).mean()),
+        "forces_rmse_meV_per_A": float(np.sqrt((df ** 2).mean())),
+        "n_frames": int(len(frames)),
+    }
+
+
+def evaluate(model: QEqModel, frames: Frames, batch_size: int = 32) -> dict[str, float]:
+    """Errors of ``model`` on ``frames``; see :func:`error_metrics`."""
+    energy, forces = predict_frames(model, frames, batch_size)
+    return error_metrics(frames, energy, forces)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .registry import load_model
+
+    parser = argparse.ArgumentParser(prog="qeq-eval", description="Energy and force MAE of a potential on an rMD17 file.")
+    parser.add_argument("model", help="shipped potential name (e.g. aspirin_fp32) or path to a potential file")
+    parser.add_argument("data", help="rMD17 .npz file (kcal/mol units, converted on load)")
+    parser.add_argument("--frames", type=int, default=None, help="evaluate only the first N frames")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    model, _ = load_model(args.model)
+    frames = load_rmd17(args.data)
+    if args.frames:
+        frames = frames.subset(np.arange(min(args.frames, len(frames))))
+    print(json.dumps(evaluate(model, frames, args.batch_size), indent=2))
+
+
+if __name__ == "__main__":
+    main()

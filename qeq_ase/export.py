@@ -1,0 +1,61 @@
+"""Package a trained model as a shipped potential: ``qeq-export RUN/best.pt TEST.npz -o potentials/NAME.pt``.
+
+Evaluates the model on every frame of the test file and writes the errors into the
+potential's metadata, next to the training data, epochs and architecture it already
+carries, so the numbers in ``docs/`` can always be traced to the file and this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from datetime import datetime, timezone
+
+import torch
+
+from .checkpoint import load_potential_file, read_potential_file, save_potential
+from .dataset import load_rmd17
+from .evaluate import error_metrics, predict_frames
+
+#: Errors on the first frames of the test file are recorded too, so that a test can
+#: reproduce them quickly from the shipped file.
+SUBSET_FRAMES = 100
+
+
+def export_potential(checkpoint: str, test_file: str, output: str, name: str | None = None) -> dict:
+    """Evaluate ``checkpoint`` on ``test_file`` and write it with full metadata to ``output``."""
+    model, metadata = load_potential_file(checkpoint)
+    test = load_rmd17(test_file)
+    energy, forces = predict_frames(model, test)
+    errors = error_metrics(test, energy, forces)
+    errors.update({"file": os.path.basename(test.source), "sha256": test.sha256})
+    first = test.subset(range(min(SUBSET_FRAMES, len(test))))
+    errors["first_frames"] = error_metrics(first, energy[:len(first)], forces[:len(first)])
+    metadata = dict(metadata)
+    metadata.update({
+        "name": name or os.path.splitext(os.path.basename(output))[0],
+        "test_errors": errors,
+        "num_parameters": model.num_parameters(),
+        "quantization": {"scheme": "none", "weights": "float32"},
+        "exported": {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+                     "torch": torch.__version__, "machine": platform.processor() or platform.machine()},
+    })
+    save_potential(output, model, metadata, precision=read_potential_file(checkpoint)["precision"])
+    return metadata
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="qeq-export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="potential file written by qeq-train (RUN/best.pt)")
+    parser.add_argument("test_file", help="rMD17 test .npz file; every frame is evaluated")
+    parser.add_argument("-o", "--output", required=True, help="output potential file, e.g. potentials/aspirin_fp32.pt")
+    parser.add_argument("--name", default=None, help="potential name recorded in the metadata")
+    args = parser.parse_args(argv)
+    metadata = export_potential(args.checkpoint, args.test_file, args.output, args.name)
+    print(json.dumps({"output": args.output, "test_errors": metadata["test_errors"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The qeq-ase potential: an attention-based SO(3)-equivariant network, energy and forces.
+
+Data path: species and positions -> edges (``neighbors``) -> radial basis and envelope
+(``radial``) -> ``num_layers`` equivariant attention layers (``attention``) -> per-atom
+energies -> total energy (plus per-element reference energies, kept in float64) ->
+forces ``-dE/dpositions`` by autograd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .attention import EquivariantAttention, scatter_sum
+from .layers import LayerFactory
+from .radial import RadialBasis, cosine_cutoff
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyperparameters (stored in every saved potential).
+
+    Attributes:
+        species: atomic numbers the model knows, in the order of its embedding rows.
+        cutoff: neighbour cutoff in Å.
+        num_features: channels ``F`` of both the scalar and the vector features.
+        num_layers: interaction (attention) layers.
+        num_heads: attention heads (``F`` must be divisible by it).
+        num_radial: Bessel radial basis functions.
+        attention_normalization: cosine attention with a learned temperature (True) or
+            plain scaled dot-product logits (False, for ablations).
+        temperature: initial attention temperature (normalised attention only).
+    """
+
+    species: list[int] = field(default_factory=lambda: [1, 6, 7, 8])
+    cutoff: float = 5.0
+    num_features: int = 128
+    num_layers: int = 4
+    num_heads: int = 8
+    num_radial: int = 32
+    attention_normalization: bool = True
+    temperature: float = 0.2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config key(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+class QEqModel(nn.Module):
+    """Equivariant transformer potential.
+
+    ``forward`` returns the interaction energy per atom in eV (``[N]``, model dtype);
+    :meth:`energy_and_forces` adds the per-element reference energies in float64 and
+    differentiates. Total rMD17 energies are ~ -17,600 eV for aspirin: float32 resolves
+    them only to ~1 meV, so the large constant part never enters float32 arithmetic.
+    """
+
+    def __init__(self, config: ModelConfig, factory: LayerFactory | None = None):
+        super().__init__()
+        self.config = config
+        factory = factory or LayerFactory()
+        F = config.num_features
+        z_to_index = torch.full((119,), -1, dtype=torch.long)
+        z_to_index[torch.tensor(config.species)] = torch.arange(len(config.species))
+        self.register_buffer("z_to_index", z_to_index, persistent=False)
+        self.embedding = nn.Embedding(len(config.species), F)
+        self.radial_basis = RadialBasis(config.cutoff, config.num_radial)
+        self.radial_embedding = nn.Linear(config.num_radial, F)  # K = num_radial: kept in float
+        self.layers = nn.ModuleList(
+            EquivariantAttention(F, config.num_heads, config.attention_normalization, config.temperature, factory)
+            for _ in range(config.num_layers)
+        )
+        self.readout_norm = nn.LayerNorm(F)
+        self.readout_in = factory.observer("scalar", F)
+        self.readout_hidden = factory.scalar_linear(F, F // 2)
+        self.readout_out = factory.scalar_linear(F // 2, 1)
+        # Per-atom energy = scale * network output + reference[species]. Set by the trainer.
+        self.register_buffer("energy_scale", torch.tensor(1.0))
+        self.register_buffer("reference_energy", torch.zeros(len(config.species), dtype=torch.float64))
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype)/.float()/.half() must not round the reference energies: keep them float64.
+        reference = self.reference_energy
+        super()._apply(fn, recurse)
+        self.reference_energy = reference.to(device=self.energy_scale.device, dtype=torch.float64)
+        return self
+
+    def species_index(self, numbers: torch.Tensor) -> torch.Tensor:
+        """Map atomic numbers to embedding rows; raise on an element the model does not know."""
+        if numbers.numel() and (numbers.min() < 0 or numbers.max() > 118):
+            raise ValueError(f"atomic numbers must lie in 1..118, got {numbers.unique().tolist()}")
+        index = self.z_to_index[numbers]
+        if (index < 0).any():
+            unknown = sorted(set(numbers[index < 0].tolist()))
+            raise ValueError(f"element(s) Z={unknown} not in this potential's species {self.config.species}")
+        return index
+
+    def forward(self, positions: torch.Tensor, species: torch.Tensor, edge_index: torch.Tensor,
+                edge_shift: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-atom interaction energies in eV ``[N]`` (no reference energies)."""
+        sender, receiver = edge_index
+        vec = torch.index_select(positions, 0, sender) - torch.index_select(positions, 0, receiver)
+        if edge_shift is not None:
+            vec = vec + edge_shift
+        r = vec.norm(dim=-1)
+        unit = vec / r[:, None]
+        envelope = cosine_cutoff(r, self.config.cutoff)
+        edge_features = nn.functional.silu(self.radial_embedding(self.radial_basis(r)))
+
+        s = self.embedding(species)
+        v = s.new_zeros(s.shape[0], 3, s.shape[1])
+        for layer in self.layers:
+            s, v = layer(s, v, edge_index, edge_features, envelope, unit)
+        h = self.readout_in(self.readout_norm(s))
+        out = self.readout_out(nn.functional.silu(self.readout_hidden(h))).squeeze(-1)
+        return out * self.energy_scale
+
+    def energy_and_forces(self, positions: torch.Tensor, species: torch.Tensor, edge_index: torch.Tensor,
+                          batch: torch.Tensor, num_graphs: int, edge_shift: torch.Tensor | None = None,
+                          training: bool = False) -> dict[str, torch.Tensor]:
+        """Energies (eV, float64 ``[num_graphs]``), forces (eV/Å ``[N, 3]``), per-atom energies.
+
+        ``training=True`` keeps the graph of the force computation so a loss on forces can
+        be back-propagated (double backward).
+        """
+        if not positions.requires_grad:
+            positions = positions.detach().requires_grad_(True)
+        with torch.enable_grad():
+            atomic = self.forward(positions, species, edge_index, edge_shift)
+            grad, = torch.autograd.grad(atomic.sum(), positions, create_graph=training)
+        atomic64 = atomic.to(torch.float64) + self.reference_energy[species]
+        energy = scatter_sum(atomic64, batch, num_graphs)
+        return {"energy": energy, "forces": -grad, "energies": atomic64,
+                "interaction_energy": scatter_sum(atomic, batch, num_graphs)}
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,260 @@
+"""Training: ``qeq-train CONFIG.yaml [--resume] [--device cuda]``.
+
+Energy + force loss, AdamW, a warm-up then cosine learning-rate decay to ``min_lr`` at the
+end of a fixed budget (epochs or wall-clock minutes, whichever runs out first), an
+exponential moving average (EMA) of the weights that is validated each epoch, the best
+EMA weights kept as a potential file, a checkpoint every epoch that ``--resume`` picks up
+after an interruption, and a CSV log of the curves.
+
+Files in ``output_dir``: ``last.pt`` (resumable state), ``best.pt`` (potential file, best
+validation EMA weights), ``log.csv``, ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from .checkpoint import load_potential_file, save_potential
+from .dataset import Frames, load_rmd17, train_val_split
+from .energy_reference import fit_reference_energies
+from .evaluate import evaluate
+from .graph import molecules_to_graph
+from .model import ModelConfig, QEqModel
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run (the YAML config file holds these keys)."""
+
+    train_file: str
+    output_dir: str = "runs/aspirin_fp32"
+    n_val: int = 50
+    split_seed: int = 0
+    seed: int = 0
+    model: dict = field(default_factory=dict)          # ModelConfig fields; species from the data
+    batch_size: int = 8
+    lr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_epochs: float = 1.0
+    max_epochs: int = 1000
+    time_budget_min: float | None = None                # cosine ends here if reached before max_epochs
+    energy_weight: float = 1.0                          # on (E_pred - E)^2, eV^2 per structure
+    force_weight: float = 1.0                           # on (F_pred - F)^2, (eV/Å)^2 per component
+    ema_decay: float = 0.999
+    grad_clip: float = 10.0
+    init_from: str | None = None                        # potential file to start from (fine-tuning)
+    device: str = "cpu"
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown training option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # short memory at the start
+        ema_params = list(self.model.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
+
+
+def learning_rate(cfg: TrainConfig, progress: float, epoch_float: float) -> float:
+    """Linear warm-up over ``warmup_epochs``, then cosine from ``lr`` to ``min_lr`` at progress 1."""
+    if epoch_float < cfg.warmup_epochs:
+        return cfg.lr * max(epoch_float / cfg.warmup_epochs, 0.01)
+    p = min(max(progress, 0.0), 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * p))
+
+
+class Trainer:
+    """Holds the state of one run; :meth:`run` trains until the budget is spent."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+
+        frames = load_rmd17(cfg.train_file)
+        train_idx, val_idx = train_val_split(len(frames), cfg.n_val, cfg.split_seed)
+        self.train, self.val = frames.subset(train_idx), frames.subset(val_idx)
+        self.data_info = {"file": os.path.basename(frames.source), "sha256": frames.sha256,
+                          "n_train": len(self.train), "n_val": len(self.val), "split_seed": cfg.split_seed}
+
+        if cfg.init_from:
+            self.model, _ = load_potential_file(cfg.init_from)
+        else:
+            model_cfg = ModelConfig.from_dict({"species": sorted(set(frames.numbers.tolist())), **cfg.model})
+            self.model = QEqModel(model_cfg)
+            self._set_energy_statistics(self.train)
+        self.model.to(self.device)
+        self.ema = EMA(self.model, cfg.ema_decay)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.epoch, self.step, self.elapsed_s, self.best = 0, 0, 0.0, math.inf
+        if resume:
+            self._load_checkpoint(self.out / "last.pt")
+        with open(self.out / "config.yaml", "w") as f:
+            yaml.safe_dump(asdict(cfg), f, sort_keys=False)
+
+    def _set_energy_statistics(self, frames: Frames) -> None:
+        ref = fit_reference_energies([frames.numbers] * len(frames), frames.energy, self.model.config.species)
+        self.model.reference_energy.copy_(torch.as_tensor(ref, dtype=torch.float64))
+        self.model.energy_scale.fill_(float(np.sqrt((frames.forces ** 2).mean())))
+
+    # --- checkpoints -------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"model": self.model.state_dict(), "ema": self.ema.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
+                "elapsed_s": self.elapsed_s, "best": self.best, "config": asdict(self.cfg),
+                "model_config": self.model.config.to_dict(),
+                "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+
+    def _save_checkpoint(self) -> None:
+        tmp = self.out / "last.pt.tmp"
+        torch.save(self._state(), tmp)
+        os.replace(tmp, self.out / "last.pt")
+
+    def _load_checkpoint(self, path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if ModelConfig.from_dict(state["model_config"]) != self.model.config:
+            raise ValueError(f"{path} was written for model {state['model_config']}, not {self.model.config}")
+        self.model.load_state_dict(state["model"])
+        self.ema.model.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step, self.elapsed_s, self.best = state["epoch"], state["step"], state["elapsed_s"], state["best"]
+        self.rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed from {path}: epoch {self.epoch}, {self.elapsed_s / 60:.1f} min trained", file=sys.stderr)
+
+    # --- training ----------------------------------------------------------------------
+    def progress(self, epoch_float: float | None = None) -> float:
+        """Fraction of the budget spent: epochs or wall-clock minutes, whichever is further."""
+        p = (self.epoch if epoch_float is None else epoch_float) / self.cfg.max_epochs
+        if self.cfg.time_budget_min:
+            p = max(p, self.elapsed_s / (60.0 * self.cfg.time_budget_min))
+        return p
+
+    def _batch(self, frames: Frames, index: np.ndarray):
+        graph = molecules_to_graph([frames.numbers] * len(index), list(frames.positions[index]),
+                                   self.model.config.cutoff, torch.float32, self.device)
+        species = self.model.species_index(graph.numbers)
+        ref = self.model.reference_energy[species]
+        target_e = torch.as_tensor(frames.energy[index], device=self.device)
+        target_e = (target_e - torch.zeros_like(target_e).index_add_(0, graph.batch, ref)).float()
+        target_f = torch.as_tensor(frames.forces[index].reshape(-1, 3), dtype=torch.float32, device=self.device)
+        return graph, species, target_e, target_f
+
+    def train_epoch(self) -> float:
+        cfg, model = self.cfg, self.model
+        model.train()
+        order = self.rng.permutation(len(self.train))
+        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+        total, t0 = 0.0, time.perf_counter()
+        bar = tqdm(batches, desc=f"epoch {self.epoch + 1}", leave=False, mininterval=2, file=sys.stderr,
+                   disable=not sys.stderr.isatty())
+        for k, index in enumerate(bar):
+            epoch_float = self.epoch + k / len(batches)
+            lr = learning_rate(cfg, self.progress(epoch_float), epoch_float)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            graph, species, target_e, target_f = self._batch(self.train, index)
+            out = model.energy_and_forces(graph.positions, species, graph.edge_index, graph.batch,
+                                          graph.num_graphs, training=True)
+            loss = (cfg.energy_weight * (out["interaction_energy"] - target_e).pow(2).mean()
+                    + cfg.force_weight * (out["forces"] - target_f).pow(2).mean())
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.ema.update(model, self.step)
+            self.step += 1
+            total += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.3g}", lr=f"{lr:.2g}")
+        self.elapsed_s += time.perf_counter() - t0
+        self.epoch += 1
+        return total / len(batches)
+
+    def run(self) -> None:
+        log_path = self.out / "log.csv"
+        new_log = not log_path.exists()
+        with open(log_path, "a", newline="") as f:
+            log = csv.writer(f)
+            if new_log:
+                log.writerow(["epoch", "elapsed_min", "lr", "train_loss", "val_energy_mae_meV",
+                              "val_forces_mae_meV_per_A"])
+            while self.progress() < 1.0:
+                train_loss = self.train_epoch()
+                errors = evaluate(self.ema.model, self.val)
+                e_mae, f_mae = errors["energy_mae_meV"], errors["forces_mae_meV_per_A"]
+                lr = self.optimizer.param_groups[0]["lr"]
+                log.writerow([self.epoch, f"{self.elapsed_s / 60:.2f}", f"{lr:.3e}", f"{train_loss:.5g}",
+                              f"{e_mae:.3f}", f"{f_mae:.3f}"])
+                f.flush()
+                score = f_mae + e_mae  # meV/Å + meV: both errors matter for MD
+                if score < self.best:
+                    self.best = score
+                    self._save_best(errors)
+                self._save_checkpoint()
+                print(f"epoch {self.epoch:4d}  {self.elapsed_s / 60:6.1f} min  lr {lr:.2e}  loss {train_loss:.4g}  "
+                      f"val E {e_mae:.2f} meV  F {f_mae:.2f} meV/Å", file=sys.stderr, flush=True)
+
+    def _save_best(self, val_errors: dict) -> None:
+        save_potential(self.out / "best.pt", self.ema.model, {
+            "training_data": self.data_info, "validation_errors": val_errors,
+            "epochs": self.epoch, "training_minutes": round(self.elapsed_s / 60, 1),
+            "training_config": asdict(self.cfg), "num_parameters": self.model.num_parameters(),
+        })
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="qeq-train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="YAML file with TrainConfig options")
+    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt")
+    parser.add_argument("--device", default=None, help="override the config's device (cpu, cuda)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads for this run")
+    parser.add_argument("--output-dir", default=None, help="override the config's output_dir")
+    args = parser.parse_args(argv)
+    cfg = TrainConfig.from_yaml(args.config)
+    if args.device:
+        cfg.device = args.device
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    if args.threads:
+        torch.set_num_threads(args.threads)  # a command's own process: not a library side effect
+    Trainer(cfg, resume=args.resume).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""Unit conventions: qeq-ase works in ASE units, eV and Å, everywhere.
+
+rMD17 stores energies in kcal/mol and forces in kcal/mol/Å; they are converted on load.
+"""
+
+from ase import units
+
+#: 1 kcal/mol expressed in eV (ASE's CODATA constants: 0.0433641... eV).
+KCAL_PER_MOL_IN_EV: float = units.kcal / units.mol
+
+#: Energies inside qeq-ase: eV; forces: eV/Å; lengths: Å; MD time: fs.
+ENERGY_UNIT = "eV"
+FORCE_UNIT = "eV/Å"
+LENGTH_UNIT = "Å"

@@ -1,0 +1,150 @@
+"""Physics of the network: symmetry, forces = -grad E, smooth cutoff, save/load."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from e3nn import o3
+
+from qeq_ase.checkpoint import PotentialFileError, load_potential_file, save_potential
+from qeq_ase.dataset import load_rmd17
+from qeq_ase.graph import molecules_to_graph
+from qeq_ase.model import ModelConfig, QEqModel
+
+RMD17_DIR = Path(__file__).resolve().parents[2] / "shared" / "rmd17"
+
+
+def tiny_model(dtype=torch.float64, **overrides) -> QEqModel:
+    torch.manual_seed(0)
+    config = ModelConfig(**{"species": [1, 6, 8], "num_features": 16, "num_layers": 2, "num_heads": 2,
+                            "num_radial": 8, **overrides})
+    model = QEqModel(config).to(dtype)
+    model.reference_energy = torch.tensor([-13.6, -1029.0, -2041.0], dtype=torch.float64)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def aspirin():
+    path = RMD17_DIR / "rmd17_aspirin_test_01.npz"
+    if not path.is_file():
+        pytest.skip(f"rMD17 data not found at {RMD17_DIR}")
+    frames = load_rmd17(path)
+    return frames.numbers, frames.positions[:3]
+
+
+def predict(model, numbers, positions):
+    dtype = next(model.parameters()).dtype
+    graph = molecules_to_graph([numbers], [positions], model.config.cutoff, dtype)
+    out = model.energy_and_forces(graph.positions, model.species_index(graph.numbers), graph.edge_index,
+                                  graph.batch, graph.num_graphs)
+    return out["energy"].item(), out["forces"].detach().numpy()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_rotation_equivariance_float64(aspirin, normalize):
+    model = tiny_model(attention_normalization=normalize)
+    numbers, frames = aspirin
+    torch.manual_seed(1)
+    for positions in frames:
+        energy, forces = predict(model, numbers, positions)
+        for _ in range(3):  # Haar-random rotations, float64 so that R is orthogonal to 1e-16
+            rotation = o3.rand_matrix(dtype=torch.float64).numpy()
+            energy_r, forces_r = predict(model, numbers, positions @ rotation.T)
+            assert abs(energy_r - energy) < 1e-10
+            np.testing.assert_allclose(forces_r, forces @ rotation.T, atol=1e-10)
+
+
+def test_translation_and_permutation_invariance(aspirin):
+    model = tiny_model()
+    numbers, frames = aspirin
+    energy, forces = predict(model, numbers, frames[0])
+    energy_t, forces_t = predict(model, numbers, frames[0] + np.array([3.0, -7.5, 11.0]))
+    assert abs(energy_t - energy) < 1e-10
+    np.testing.assert_allclose(forces_t, forces, atol=1e-10)
+    perm = np.random.default_rng(0).permutation(len(numbers))
+    energy_p, forces_p = predict(model, numbers[perm], frames[0][perm])
+    assert abs(energy_p - energy) < 1e-10
+    np.testing.assert_allclose(forces_p, forces[perm], atol=1e-10)
+
+
+def test_forces_are_minus_energy_gradient(aspirin):
+    model = tiny_model()
+    numbers, frames = aspirin
+    positions = frames[0]
+    _, forces = predict(model, numbers, positions)
+    h = 1e-4  # central differences: truncation ~h^2, round-off of a -17,500 eV total ~1e-12/h
+    for atom, axis in [(0, 0), (5, 1), (12, 2), (20, 0)]:
+        plus, minus = positions.copy(), positions.copy()
+        plus[atom, axis] += h
+        minus[atom, axis] -= h
+        numeric = -(predict(model, numbers, plus)[0] - predict(model, numbers, minus)[0]) / (2 * h)
+        assert forces[atom, axis] == pytest.approx(numeric, abs=1e-6)
+
+
+def test_energy_and_forces_are_smooth_at_the_cutoff():
+    """A pair moved through the cutoff: energy and force approach their far-apart values continuously."""
+    model = tiny_model()
+    numbers = np.array([6, 8])
+    cutoff = model.config.cutoff
+    far_energy, _ = predict(model, numbers, np.array([[0.0, 0, 0], [cutoff + 1.0, 0, 0]]))
+    for gap in [1e-2, 1e-3, 1e-4]:
+        energy, forces = predict(model, numbers, np.array([[0.0, 0, 0], [cutoff - gap, 0, 0]]))
+        assert abs(energy - far_energy) < 50 * gap ** 2  # envelope ~ (r_c - r)^2
+        assert np.abs(forces).max() < 50 * gap
+    energy_out, forces_out = predict(model, numbers, np.array([[0.0, 0, 0], [cutoff + 1e-4, 0, 0]]))
+    assert energy_out == far_energy and np.abs(forces_out).max() == 0.0
+
+
+def test_isolated_atom_and_empty_neighbourhood_are_finite():
+    model = tiny_model()
+    energy, forces = predict(model, np.array([8]), np.zeros((1, 3)))
+    assert np.isfinite(energy) and np.all(forces == 0.0)
+
+
+def test_attention_logits_are_bounded_by_temperature():
+    model = tiny_model(attention_normalization=True)
+    layer = model.layers[0]
+    q = torch.randn(50, 2, 8, dtype=torch.float64) * 1e3
+    k = torch.randn(50, 2, 8, dtype=torch.float64) * 1e3
+    bound = layer.log_inv_temperature.exp().max().item()
+    assert layer.attention_logits(q, k).abs().max().item() <= bound + 1e-9
+    unnormalized = tiny_model(attention_normalization=False).layers[0].attention_logits(q, k)
+    assert unnormalized.abs().max().item() > 1e4
+
+
+def test_unknown_element_is_named():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"Z=\[7\]"):
+        model.species_index(torch.tensor([1, 7, 6]))
+
+
+def test_save_load_round_trip_gives_identical_outputs(tmp_path, aspirin):
+    model = tiny_model(dtype=torch.float32)
+    path = save_potential(tmp_path / "tiny.pt", model, {"note": "test"})
+    payload = torch.load(path, weights_only=True)  # safe loading works on the raw file
+    assert payload["format_version"] == 1 and payload["metadata"]["species"] == [1, 6, 8]
+    loaded, metadata = load_potential_file(path)
+    assert metadata["note"] == "test" and metadata["units"]["energy"] == "eV"
+    numbers, frames = aspirin
+    e0, f0 = predict(model, numbers, frames[0])
+    e1, f1 = predict(loaded, numbers, frames[0])
+    assert e0 == e1
+    np.testing.assert_array_equal(f0, f1)
+
+
+def test_bad_potential_files_give_clear_errors(tmp_path):
+    with pytest.raises(PotentialFileError, match="not found"):
+        load_potential_file(tmp_path / "missing.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(PotentialFileError, match="corrupt"):
+        load_potential_file(tmp_path / "corrupt.pt")
+    torch.save({"hello": 1}, tmp_path / "other.pt")
+    with pytest.raises(PotentialFileError, match="not a qeq-ase potential"):
+        load_potential_file(tmp_path / "other.pt")
+    path = save_potential(tmp_path / "tiny.pt", tiny_model(dtype=torch.float32), {})
+    payload = torch.load(path, weights_only=True)
+    payload["model_config"]["num_features"] = 32
+    torch.save(payload, tmp_path / "mismatch.pt")
+    with pytest.raises(PotentialFileError, match="does not match"):
+        load_potential_file(tmp_path / "mismatch.pt")

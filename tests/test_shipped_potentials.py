@@ -1,0 +1,65 @@
+"""The shipped potentials: present, complete metadata, and their recorded test errors reproduce."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qeq_ase.dataset import load_rmd17
+from qeq_ase.evaluate import evaluate
+from qeq_ase.registry import list_potentials, load_model, potentials_dir, shipped_names
+
+RMD17_DIR = Path(__file__).resolve().parents[2] / "shared" / "rmd17"
+REQUIRED_METADATA = ("units", "species", "cutoff", "training_data", "test_errors", "epochs", "num_parameters",
+                     "quantization")
+
+
+def test_aspirin_fp32_is_shipped_with_complete_metadata():
+    assert "aspirin_fp32" in shipped_names()
+    row = next(r for r in list_potentials() if r["name"] == "aspirin_fp32")
+    assert row["precision"] == "fp32" and row["cutoff"] == 5.0 and row["species"] == [1, 6, 8]
+    payload = torch.load(row["path"], weights_only=True)
+    assert payload["format_version"] == 1
+    for key in REQUIRED_METADATA:
+        assert key in payload["metadata"], key
+    data = payload["metadata"]["training_data"]
+    assert data["file"] == "rmd17_aspirin_train_01.npz" and len(data["sha256"]) == 64
+    errors = payload["metadata"]["test_errors"]
+    assert errors["file"] == "rmd17_aspirin_test_01.npz" and errors["n_frames"] == 1000
+    # the issue's bar for the float32 potential
+    assert errors["forces_mae_meV_per_A"] <= 15.0 and errors["energy_mae_meV"] <= 5.0
+
+
+def test_aspirin_fp32_reproduces_recorded_test_errors():
+    path = RMD17_DIR / "rmd17_aspirin_test_01.npz"
+    if not path.is_file():
+        pytest.skip(f"rMD17 data not found at {RMD17_DIR}")
+    model, metadata = load_model("aspirin_fp32")
+    recorded = metadata["test_errors"]["first_frames"]
+    frames = load_rmd17(path)
+    assert metadata["test_errors"]["sha256"] == frames.sha256
+    measured = evaluate(model, frames.subset(np.arange(recorded["n_frames"])))
+    assert measured["forces_mae_meV_per_A"] == pytest.approx(recorded["forces_mae_meV_per_A"], rel=1e-3)
+    assert measured["energy_mae_meV"] == pytest.approx(recorded["energy_mae_meV"], rel=1e-3, abs=1e-3)
+
+
+def test_unknown_potential_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="shipped potentials: .*aspirin_fp32"):
+        load_model("aspirin_fp33")
+
+
+def test_installed_package_finds_potentials_from_any_directory(tmp_path):
+    """With ``pip install .`` the potentials travel as package data (skipped for a source-only checkout)."""
+    code = "import qeq_ase, qeq_ase.registry as r; print(qeq_ase.__file__); print(r.shipped_names())"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    if result.returncode != 0 and "No module named 'qeq_ase'" in result.stderr:
+        pytest.skip("qeq-ase is not installed in this environment")
+    assert result.returncode == 0, result.stderr
+    location, names = result.stdout.splitlines()
+    assert "aspirin_fp32" in names, (location, names)
+    assert potentials_dir().is_dir()
