@@ -83,7 +83,8 @@ def load_potential_file(path: str | os.PathLike, device: str | torch.device = "c
     if payload["precision"] != "fp32":
         raise PotentialFileError(f"{path} holds a {payload['precision']} potential; load it with the INT8 loader")
     try:
-        model = QEqModel(ModelConfig.from_dict(payload["model_config"]))
+        with torch.random.fork_rng(devices=[]):  # the random initial weights must not touch the global RNG
+            model = QEqModel(ModelConfig.from_dict(payload["model_config"]))
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, ValueError, TypeError) as err:
         raise PotentialFileError(f"{path} does not match this qeq-ase model ({err})") from err

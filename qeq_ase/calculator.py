@@ -1,0 +1,171 @@
+"""ASE calculator for qeq-ase potentials: ``atoms.calc = QEqCalculator("aspirin_fp32")``.
+
+Units (ASE's): energies in eV, forces in eV/Å, positions and cell in Å.
+
+========================  ======================================================
+property                  meaning
+========================  ======================================================
+``energy``                total energy (eV), float64 (reference energies included)
+``free_energy``           same as ``energy`` (no electronic entropy)
+``forces``                ``-dE/dpositions`` (eV/Å) ``[N, 3]``, by autograd
+``energies``              per-atom energies (eV) ``[N]``; they sum to ``energy``
+========================  ======================================================
+
+The calculator only talks to the model through ``config.cutoff``, ``config.species``,
+``species_index`` and ``energy_and_forces``, so any potential that
+:func:`qeq_ase.registry.load_model` returns (float or, later, INT8) plugs in unchanged.
+
+Periodic cells are supported: edges and image shifts come from
+:func:`qeq_ase.neighbors.periodic_edges`. A molecule in a box larger than the cutoff plus
+its extent therefore has the same energy with and without periodic boundaries.
+
+Nothing here touches torch's global state (default dtype, threads, grad mode): the dtype
+and device are per calculator, so calculators of different precision can coexist.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+from ase.data import chemical_symbols
+
+from .model import QEqModel
+from .neighbors import molecule_edges, periodic_edges
+
+#: Accepted spellings of the calculator's float dtype.
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def as_torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"float32"``/``"float64"`` (or a torch dtype, or None) -> torch dtype (or None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype not in (None, *DTYPES.values()):
+            raise ValueError(f"unsupported dtype {dtype}; use one of {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def model_float_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype of a built model's parameters (float32 if it has none)."""
+    for tensor in model.parameters():
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def resolve_model(model: str | os.PathLike | QEqModel, device: str | torch.device = "cpu",
+                  dtype: str | torch.dtype | None = None) -> tuple[QEqModel, dict, torch.dtype, str]:
+    """A shipped name, a path or a built model -> ``(model, metadata, dtype, label)``.
+
+    A built model is used as it is (never moved or cast: it belongs to the caller); for it
+    ``dtype`` must be None or match its parameters. Names and paths are loaded through
+    :func:`qeq_ase.registry.load_model` with ``dtype`` (default float32).
+    """
+    dtype = as_torch_dtype(dtype)
+    if isinstance(model, torch.nn.Module):
+        model_dtype = model_float_dtype(model)
+        if dtype is not None and dtype != model_dtype:
+            raise ValueError(f"dtype {dtype} was requested but the given model is {model_dtype}; "
+                             "cast the model or pass dtype=None")
+        return model, {"species": list(model.config.species), "cutoff": model.config.cutoff}, model_dtype, "<model>"
+    from .registry import load_model
+
+    dtype = dtype or torch.float32
+    built, metadata = load_model(model, device=device, dtype=dtype)
+    built.requires_grad_(False)  # our own copy: autograd then tracks positions only (faster)
+    return built, metadata, dtype, str(model)
+
+
+def species_names(species: list[int]) -> str:
+    return ", ".join(f"{chemical_symbols[z]} (Z={z})" for z in species)
+
+
+class QEqCalculator(Calculator):
+    """ASE calculator for a qeq-ase potential.
+
+    Args:
+        model: shipped potential name (see :func:`qeq_ase.registry.shipped_names`), path
+            to a potential file, or a built :class:`~qeq_ase.model.QEqModel` (used as is).
+        device: torch device of the model, e.g. ``"cpu"`` or ``"cuda"``.
+        dtype: ``"float32"`` (default for files) or ``"float64"``; for a built model, None
+            (its own dtype).
+        **kwargs: passed to :class:`ase.calculators.calculator.Calculator` (``label``,
+            ``atoms``, ``directory``).
+
+    Raises ``ValueError`` for an unknown name (listing the shipped ones), for atoms of an
+    element the potential was not trained on and for non-finite positions;
+    :class:`~qeq_ase.checkpoint.PotentialFileError` for missing, corrupt or incompatible files.
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "energies"]
+
+    def __init__(self, model: str | os.PathLike | QEqModel = "aspirin_fp32", device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype | None = None, **kwargs):
+        self.device = torch.device(device)
+        self.model, self.metadata, self.dtype, self.model_label = resolve_model(model, self.device, dtype)
+        self.cutoff_A = float(self.model.config.cutoff)
+        self.species = [int(z) for z in self.model.config.species]
+        self._numbers: np.ndarray | None = None  # atomic numbers of the cached species tensor
+        self._species: torch.Tensor | None = None  # embedding rows [N]
+        self._batch: torch.Tensor | None = None  # zeros [N]
+        Calculator.__init__(self, **kwargs)
+
+    def todict(self) -> dict:
+        return {"model": self.model_label, "device": str(self.device), "dtype": str(self.dtype).split(".")[-1]}
+
+    def _species_for(self, numbers: np.ndarray) -> torch.Tensor:
+        """Embedding rows of ``numbers``; cached while the atomic numbers stay the same."""
+        if self._numbers is None or not np.array_equal(numbers, self._numbers):
+            unknown = sorted(set(numbers.tolist()) - set(self.species))
+            if unknown:
+                raise ValueError(
+                    f"potential {self.model_label!r} was not trained on element(s) {species_names(unknown)}; "
+                    f"it knows {species_names(self.species)}"
+                )
+            z = torch.as_tensor(numbers, dtype=torch.long, device=self.device)
+            self._species = self.model.species_index(z)
+            self._batch = torch.zeros(len(numbers), dtype=torch.long, device=self.device)
+            self._numbers = numbers.copy()
+        return self._species
+
+    def _edges(self, atoms, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``edge_index`` ``[2, E]`` and image shifts in Å ``[E, 3]`` (None without periodicity)."""
+        pbc = np.asarray(atoms.pbc, dtype=bool)
+        if not pbc.any():
+            return molecule_edges(positions, self.cutoff_A), None
+        cell = np.asarray(atoms.cell[:], dtype=np.float64)
+        if not np.isfinite(cell).all():
+            raise ValueError("the cell contains NaN or inf")
+        if np.any(np.linalg.norm(cell[pbc], axis=1) == 0.0):
+            raise ValueError(f"periodic directions {pbc.tolist()} need nonzero cell vectors; got cell {cell.tolist()}")
+        edge_index, shift = periodic_edges(atoms.positions, cell, pbc, self.cutoff_A)
+        return (torch.as_tensor(edge_index, device=self.device),
+                torch.as_tensor(shift, dtype=self.dtype, device=self.device))
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        Calculator.calculate(self, atoms, properties, system_changes)
+        atoms = self.atoms
+        n_atoms = len(atoms)
+        if n_atoms == 0:
+            self.results = {"energy": 0.0, "free_energy": 0.0, "forces": np.zeros((0, 3)), "energies": np.zeros(0)}
+            return
+        positions = atoms.positions
+        if not np.isfinite(positions).all():
+            bad = np.flatnonzero(~np.isfinite(positions).all(axis=1)).tolist()
+            raise ValueError(f"non-finite (NaN or inf) positions for atom(s) {bad}")
+        species = self._species_for(atoms.numbers)
+        pos = torch.as_tensor(positions, dtype=self.dtype, device=self.device)
+        edge_index, shift = self._edges(atoms, pos)
+        out = self.model.energy_and_forces(pos, species, edge_index, self._batch, 1, edge_shift=shift)
+        energy = float(out["energy"].detach()[0])
+        self.results = {
+            "energy": energy,
+            "free_energy": energy,
+            "forces": out["forces"].detach().to("cpu", torch.float64).numpy(),
+            "energies": out["energies"].detach().to("cpu", torch.float64).numpy(),
+        }

@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny random potential file and aspirin frames from rMD17."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+
+from qeq_ase.checkpoint import save_potential
+from qeq_ase.model import ModelConfig, QEqModel
+
+RMD17_DIR = Path(__file__).resolve().parents[2] / "shared" / "rmd17"
+
+#: Reference energies of the tiny model (eV per H, C, O): nonzero, so that they are tested.
+TINY_REFERENCE_ENERGY_EV = [-13.6, -1029.0, -2041.0]
+
+
+def build_tiny_model(seed: int = 0) -> QEqModel:
+    """A small random float32 model for H, C, O (no global RNG state is consumed)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        config = ModelConfig(species=[1, 6, 8], num_features=16, num_layers=2, num_heads=2, num_radial=8)
+        model = QEqModel(config)
+    model.reference_energy = torch.tensor(TINY_REFERENCE_ENERGY_EV, dtype=torch.float64)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_potential_path(tmp_path_factory) -> Path:
+    """Path of a saved tiny random potential (float32 weights, format of ``save_potential``)."""
+    path = tmp_path_factory.mktemp("potentials") / "tiny.pt"
+    return save_potential(path, build_tiny_model(), {"description": "tiny random test potential"})
+
+
+@pytest.fixture(scope="session")
+def rmd17_dir() -> Path:
+    if not (RMD17_DIR / "rmd17_aspirin_test_01.npz").is_file():
+        pytest.skip(f"rMD17 data not found at {RMD17_DIR}")
+    return RMD17_DIR
+
+
+@pytest.fixture(scope="session")
+def aspirin_frames(rmd17_dir):
+    """First aspirin test frames of rMD17 split 01 (eV, Å)."""
+    from qeq_ase.dataset import load_rmd17
+
+    frames = load_rmd17(rmd17_dir / "rmd17_aspirin_test_01.npz")
+    return frames.subset(np.arange(4))
+
+
+@pytest.fixture
+def aspirin(aspirin_frames) -> Atoms:
+    """A fresh ASE Atoms of aspirin (frame 0), non-periodic."""
+    return Atoms(numbers=aspirin_frames.numbers, positions=aspirin_frames.positions[0])
