@@ -1,0 +1,399 @@
+// Fused element-wise kernels around torch._int_mm for qeq_ase.int8_linear.
+//
+// Built lazily by qeq_ase/int8_linear.py (torch.utils.cpp_extension.load) on first use.
+// Every kernel is one pass over its data (rows fit in L1) and follows the operation
+// order of the eager definitions in qeq_ase/quantizers.py, so that its int8 codes agree
+// bit for bit with the fake quantizers of QAT: x / step (a true division, not x * 1/step),
+// clamp, round half to even, no fused multiply-add (built with -ffp-contract=off).
+//
+// Shapes: x [M, K] float32, codes [M, K] int8, acc [M, N] int32 (torch._int_mm output),
+// vectors [N, 3, F] float32 (Cartesian axis in the middle, as in qeq_ase.layers).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// Round half to even for |y| <= 2^22 (callers clamp first): the classic 1.5 * 2^23 trick.
+// Vectorises everywhere, unlike std::nearbyint; exact because -ffp-contract=off and no
+// -ffast-math keep the add and the subtract as written.
+inline float round_half_even(float y) {
+  const float magic = 12582912.0f;  // 1.5 * 2^23
+  return (y + magic) - magic;
+}
+
+// max |x[i]| over n floats. Compares the bit patterns with the sign bit cleared, which
+// orders non-negative floats like their values and, unlike a float max, vectorises
+// without -ffast-math. (NaN inputs give a NaN-like pattern; inputs are finite.)
+inline float abs_max(const float* __restrict x, int64_t n) {
+  uint32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, x + i, sizeof b);
+    b &= 0x7fffffffu;
+    m = b > m ? b : m;
+  }
+  float r;
+  std::memcpy(&r, &m, sizeof r);
+  return r;
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+constexpr int64_t kGrain = 16384;  // elements per parallel chunk
+
+}  // namespace
+
+// codes = clamp(round(x / step), -qmax, qmax) as int8 (static per-tensor activation step).
+// *clipped (if given) is set when some x / step fell outside [-qmax, qmax]: the backward
+// pass needs the STE mask only then.
+at::Tensor quantize_static(const at::Tensor& x, double step, int64_t qmax, bool* clipped) {
+  check_float(x, "x");
+  auto codes = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  const float* __restrict xp = x.data_ptr<float>();
+  int8_t* __restrict qp = codes.data_ptr<int8_t>();
+  const float s = static_cast<float>(step), hi = static_cast<float>(qmax), lo = -hi;
+  std::atomic<bool> any_clipped{false};
+  at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    int32_t out = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      const float y0 = xp[i] / s;
+      out |= static_cast<int32_t>(y0 < lo) | static_cast<int32_t>(y0 > hi);
+      const float y = std::min(std::max(y0, lo), hi);
+      qp[i] = static_cast<int8_t>(static_cast<int32_t>(round_half_even(y)));
+    }
+    if (out) any_clipped.store(true, std::memory_order_relaxed);
+  });
+  if (clipped) *clipped = any_clipped.load();
+  return codes;
+}
+
+at::Tensor quantize_per_tensor(const at::Tensor& x, double step, int64_t qmax) {
+  return quantize_static(x, step, qmax, nullptr);
+}
+
+// Rotation-invariant per-atom quantization of vectors v [N, 3, F]:
+//   scale[n] = max(max_f |v[n, :, f]|, tiny) / qmax,   codes = clamp(round(v / scale[n])).
+// |v[n, :, f]| is the Euclidean norm over the Cartesian axis, so scale[n] does not change
+// under a rotation of the molecule (a per-row max over x, y or z components would).
+std::tuple<at::Tensor, at::Tensor> quantize_per_atom(const at::Tensor& v, int64_t qmax, double tiny) {
+  check_float(v, "v");
+  TORCH_CHECK(v.dim() == 3 && v.size(1) == 3, "v must be [N, 3, F], got ", v.sizes());
+  const int64_t N = v.size(0), F = v.size(2);
+  auto codes = at::empty(v.sizes(), v.options().dtype(at::kChar));
+  auto scale = at::empty({N}, v.options());
+  const float* vp = v.data_ptr<float>();
+  int8_t* qp = codes.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  const float hi = static_cast<float>(qmax), lo = -hi, tf = static_cast<float>(tiny);
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, 3 * F));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> r2(F);
+    for (int64_t n = begin; n < end; ++n) {
+      const float* x0 = vp + n * 3 * F;
+      const float* x1 = x0 + F;
+      const float* x2 = x1 + F;
+      for (int64_t f = 0; f < F; ++f) r2[f] = (x0[f] * x0[f] + x1[f] * x1[f]) + x2[f] * x2[f];
+      const float m2 = abs_max(r2.data(), F);
+      // sqrt is monotone and correctly rounded: sqrt(max r^2) == max sqrt(r^2)
+      const float s = std::max(std::sqrt(m2), tf) / hi;
+      sp[n] = s;
+      int8_t* __restrict q = qp + n * 3 * F;
+      for (int64_t i = 0; i < 3 * F; ++i) {
+        float y = x0[i] / s;
+        y = std::min(std::max(y, lo), hi);
+        q[i] = static_cast<int8_t>(static_cast<int32_t>(round_half_even(y)));
+      }
+    }
+  });
+  return {codes, scale};
+}
+
+// Dynamic per-row quantization of y = x * col_scale (col_scale optional), x [M, K]:
+//   scale[m] = max(max_k |y[m, k]|, tiny) / qmax,   codes = round(y / scale[m]).
+// Used for the int8 backward: g * s_w quantized per row, then _int_mm with W_q.
+std::tuple<at::Tensor, at::Tensor> quantize_per_row(const at::Tensor& x, const c10::optional<at::Tensor>& col_scale,
+                                                    int64_t qmax, double tiny) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  const float* cs = nullptr;
+  if (col_scale.has_value()) {
+    check_float(*col_scale, "col_scale");
+    TORCH_CHECK(col_scale->numel() == K, "col_scale must have K elements");
+    cs = col_scale->data_ptr<float>();
+  }
+  auto codes = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto scale = at::empty({M}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = codes.data_ptr<int8_t>();
+  float* sp = scale.data_ptr<float>();
+  const float hi = static_cast<float>(qmax), lo = -hi, tf = static_cast<float>(tiny);
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, K));
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(K);
+    for (int64_t m = begin; m < end; ++m) {
+      const float* xr = xp + m * K;
+      float* __restrict rw = row.data();
+      if (cs) {
+        for (int64_t k = 0; k < K; ++k) rw[k] = xr[k] * cs[k];
+      } else {
+        for (int64_t k = 0; k < K; ++k) rw[k] = xr[k];
+      }
+      const float amax = abs_max(rw, K);
+      const float s = std::max(amax, tf) / hi;
+      sp[m] = s;
+      int8_t* __restrict q = qp + m * K;
+      for (int64_t k = 0; k < K; ++k) {
+        float y = rw[k] / s;
+        y = std::min(std::max(y, lo), hi);
+        q[k] = static_cast<int8_t>(static_cast<int32_t>(round_half_even(y)));
+      }
+    }
+  });
+  return {codes, scale};
+}
+
+// ---------------------------------------------------------------------------------------
+// int32 GEMM output -> float32
+// ---------------------------------------------------------------------------------------
+
+// Scales of one rescale: out[m, n] = acc[m, n] * (r(m) * cs[n]) + bias[n], then masked.
+//   r(m) = rs[0] (per_tensor) or rs[m / group] (group = 3: one scale per atom of [N, 3, F]).
+//   mask (mx given): out = 0 where mx[m, n] / ms lies outside [-qmax, qmax] (LSQ's STE).
+struct RescaleArgs {
+  const float* rs = nullptr;
+  bool per_tensor = true;
+  int64_t group = 1;
+  const float* cs = nullptr;
+  const float* bias = nullptr;
+  const float* mx = nullptr;
+  float ms = 1.0f, lo = -127.0f, hi = 127.0f;
+};
+
+// Rows [m0, m0 + rows) of the output; acc points at row m0 of an int32 [*, N] block.
+void rescale_rows(const int32_t* acc, int64_t m0, int64_t rows, int64_t N, const RescaleArgs& p, float* out) {
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, N));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t m = m0 + i;
+      const float r = p.per_tensor ? p.rs[0] : p.rs[m / p.group];
+      const int32_t* __restrict a = acc + i * N;
+      float* __restrict o = out + m * N;
+      if (p.cs) {
+        const float* __restrict cs = p.cs;
+        for (int64_t n = 0; n < N; ++n) o[n] = static_cast<float>(a[n]) * (r * cs[n]);
+      } else {
+        for (int64_t n = 0; n < N; ++n) o[n] = static_cast<float>(a[n]) * r;
+      }
+      if (p.bias) {
+        const float* __restrict bp = p.bias;
+        for (int64_t n = 0; n < N; ++n) o[n] = o[n] + bp[n];
+      }
+      if (p.mx) {
+        const float* __restrict xr = p.mx + m * N;
+        for (int64_t n = 0; n < N; ++n) {
+          const float y = xr[n] / p.ms;
+          o[n] = (y >= p.lo && y <= p.hi) ? o[n] : 0.0f;
+        }
+      }
+    }
+  });
+}
+
+const float* optional_ptr(const c10::optional<at::Tensor>& t, int64_t numel, const char* name) {
+  if (!t.has_value() || !t->defined() || t->numel() == 0) return nullptr;
+  check_float(*t, name);
+  TORCH_CHECK(t->numel() == numel, name, " has ", t->numel(), " elements, expected ", numel);
+  return t->data_ptr<float>();
+}
+
+// rs: rs_numel row scales (1: per tensor; else one per group of rows).
+RescaleArgs make_args(const float* rs, int64_t rs_numel, int64_t group, int64_t M, int64_t N,
+                      const c10::optional<at::Tensor>& col_scale, const c10::optional<at::Tensor>& bias,
+                      const c10::optional<at::Tensor>& mask_x, double mask_step, int64_t qmax) {
+  RescaleArgs p;
+  p.per_tensor = rs_numel == 1;
+  p.group = std::max<int64_t>(1, group);
+  TORCH_CHECK(p.per_tensor || rs_numel * p.group == M, "row_scale has ", rs_numel,
+              " elements, expected 1 or M / row_group = ", M / p.group);
+  p.rs = rs;
+  p.cs = optional_ptr(col_scale, N, "col_scale");
+  p.bias = optional_ptr(bias, N, "bias");
+  p.mx = optional_ptr(mask_x, M * N, "mask_x");
+  p.ms = static_cast<float>(mask_step);
+  p.hi = static_cast<float>(qmax);
+  p.lo = -p.hi;
+  return p;
+}
+
+// out = rescale(acc) for a whole int32 [M, N] tensor (exposed for tests and the eager twin).
+at::Tensor rescale(const at::Tensor& acc, const at::Tensor& row_scale, int64_t row_group,
+                   const c10::optional<at::Tensor>& col_scale, const c10::optional<at::Tensor>& bias,
+                   const c10::optional<at::Tensor>& mask_x, double mask_step, int64_t qmax) {
+  TORCH_CHECK(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2,
+              "acc must be a contiguous int32 [M, N] tensor");
+  check_float(row_scale, "row_scale");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  auto p = make_args(row_scale.data_ptr<float>(), row_scale.numel(), row_group, M, N, col_scale, bias, mask_x,
+                     mask_step, qmax);
+  auto out = at::empty({M, N}, row_scale.options());
+  rescale_rows(acc.data_ptr<int32_t>(), 0, M, N, p, out.data_ptr<float>());
+  return out;
+}
+
+// _int_mm(codes [M, K], w [K, N]) then rescale, in blocks of rows whose int32 result
+// (<= 1 MB) stays in L2: the full int32 [M, N] tensor is never written to memory, which
+// for M x N = 5000 x 640 saves two 12.8 MB passes (and the page faults of a fresh one).
+at::Tensor gemm_rescale(const at::Tensor& codes, const at::Tensor& w, const RescaleArgs& p) {
+  const int64_t M = codes.size(0), N = w.size(1);
+  auto out = at::empty({M, N}, codes.options().dtype(at::kFloat));
+  if (M == 0) return out;
+  const int64_t block = std::min<int64_t>(M, std::max<int64_t>(64, (int64_t{1} << 18) / std::max<int64_t>(1, N)));
+  auto acc = at::empty({block, N}, codes.options().dtype(at::kInt));
+  for (int64_t m0 = 0; m0 < M; m0 += block) {
+    const int64_t rows = std::min(block, M - m0);
+    auto acc_rows = acc.narrow(0, 0, rows);
+    at::_int_mm_out(acc_rows, codes.narrow(0, m0, rows), w);
+    rescale_rows(acc_rows.data_ptr<int32_t>(), m0, rows, N, p, out.data_ptr<float>());
+  }
+  return out;
+}
+
+// In place: grad *= 1[-qmax <= x / step <= qmax] (the STE mask of a clamped quantizer).
+at::Tensor ste_mask_(at::Tensor grad, const at::Tensor& x, double step, int64_t qmax) {
+  check_float(grad, "grad");
+  check_float(x, "x");
+  TORCH_CHECK(grad.numel() == x.numel(), "grad and x must have the same number of elements");
+  float* __restrict gp = grad.data_ptr<float>();
+  const float* __restrict xp = x.data_ptr<float>();
+  const float s = static_cast<float>(step), hi = static_cast<float>(qmax), lo = -hi;
+  at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float y = xp[i] / s;
+      gp[i] = (y >= lo && y <= hi) ? gp[i] : 0.0f;
+    }
+  });
+  return grad;
+}
+
+// ---------------------------------------------------------------------------------------
+// Whole layers
+// ---------------------------------------------------------------------------------------
+
+// static: y = rescale(_int_mm(quantize_per_tensor(x), w_t), step, w_scale, bias)
+// Returns (y, clipped): clipped tells whether any input was clipped (STE mask needed).
+std::tuple<at::Tensor, bool> linear_static_forward(const at::Tensor& x, double step, int64_t qmax,
+                                                   const at::Tensor& w_t, const at::Tensor& w_scale,
+                                                   const c10::optional<at::Tensor>& bias) {
+  bool clipped = false;
+  auto codes = quantize_static(x, step, qmax, &clipped);
+  const float s = static_cast<float>(step);
+  auto p = make_args(&s, 1, 1, x.size(0), w_t.size(1), w_scale, bias, c10::nullopt, 1.0, qmax);
+  return {gemm_rescale(codes, w_t, p), clipped};
+}
+
+// atom: y = rescale(_int_mm(quantize_per_atom(x as [N, 3, K]), w_t), scale[n], w_scale)
+at::Tensor linear_atom_forward(const at::Tensor& x, int64_t qmax, double tiny, const at::Tensor& w_t,
+                               const at::Tensor& w_scale) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) % 3 == 0, "x must be [3N, K]");
+  auto [codes, scale] = quantize_per_atom(x.view({x.size(0) / 3, 3, x.size(1)}), qmax, tiny);
+  auto p = make_args(scale.data_ptr<float>(), scale.numel(), 3, x.size(0), w_t.size(1), w_scale, c10::nullopt,
+                     c10::nullopt, 1.0, qmax);
+  return gemm_rescale(codes.view({x.size(0), x.size(1)}), w_t, p);
+}
+
+// Input gradient with int8 GEMM: (g * w_scale) quantized per row, times W_q [N, K],
+// masked by the STE of the static input quantizer when x is given.
+at::Tensor linear_backward_int8(const at::Tensor& grad, const at::Tensor& w_scale, const at::Tensor& w,
+                                const c10::optional<at::Tensor>& x, double step, int64_t qmax, double tiny) {
+  auto [codes, scale] = quantize_per_row(grad, w_scale, 127, tiny);
+  auto p = make_args(scale.data_ptr<float>(), scale.numel(), 1, grad.size(0), w.size(1), c10::nullopt,
+                     c10::nullopt, x, step, qmax);
+  return gemm_rescale(codes, w, p);
+}
+
+// ---------------------------------------------------------------------------------------
+// autograd: the layer as one C++ node (no Python in forward or backward)
+// ---------------------------------------------------------------------------------------
+
+// Inputs: x [M, K] float32 (needs grad), w_t [K, N] int8, w [N, K] int8, w_deq [N, K]
+// float32 (W_q * s_w, for the float and the double backward), w_scale [N], bias [N] or an
+// empty tensor. backward_int8 picks the int8 backward GEMM.
+// Double backward (create_graph=True): the backward runs differentiable ATen ops, so the
+// second derivative is that of the STE surrogate clamp(x) @ w_deq.T (linear in grad).
+struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_t,
+                            const at::Tensor& w, const at::Tensor& w_deq, const at::Tensor& w_scale,
+                            const at::Tensor& bias, double step, int64_t qmax, bool atom, bool backward_int8) {
+    at::Tensor y;
+    bool clipped = false;
+    if (atom) {
+      y = linear_atom_forward(x, qmax, 1e-30, w_t, w_scale);
+    } else {
+      std::tie(y, clipped) = linear_static_forward(x, step, qmax, w_t, w_scale, bias);
+    }
+    ctx->saved_data["step"] = step;
+    ctx->saved_data["qmax"] = qmax;
+    ctx->saved_data["masked"] = clipped;
+    ctx->saved_data["backward_int8"] = backward_int8;
+    ctx->save_for_backward({clipped ? x : at::empty({0}, x.options()), w, w_deq, w_scale});
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &w_deq = saved[2], &w_scale = saved[3];
+    const double step = ctx->saved_data["step"].toDouble();
+    const int64_t qmax = ctx->saved_data["qmax"].toInt();
+    const bool masked = ctx->saved_data["masked"].toBool();
+    const at::Tensor& grad = grad_outputs[0];
+    at::Tensor gx;
+    if (at::GradMode::is_enabled()) {
+      gx = at::mm(grad, w_deq);
+      if (masked) {
+        auto y = x.detach() / step;
+        gx = gx * at::logical_and(y >= -qmax, y <= qmax).to(gx.scalar_type());
+      }
+    } else if (!ctx->saved_data["backward_int8"].toBool()) {
+      gx = at::mm(grad.contiguous(), w_deq);
+      if (masked) ste_mask_(gx, x, step, qmax);
+    } else {
+      gx = linear_backward_int8(grad.contiguous(), w_scale, w, masked ? c10::optional<at::Tensor>(x) : c10::nullopt,
+                                step, qmax, 1e-30);
+    }
+    return {gx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_t, const at::Tensor& w, const at::Tensor& w_deq,
+                       const at::Tensor& w_scale, const at::Tensor& bias, double step, int64_t qmax, bool atom,
+                       bool backward_int8) {
+  return Int8LinearFunction::apply(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "qeq_ase int8 quantize / GEMM / rescale kernels (see qeq_ase/int8_linear.py)";
+  m.def("int8_linear", &int8_linear, "autograd int8 linear layer (one C++ node)");
+  m.def("linear_static_forward", &linear_static_forward, "quantize (static step) + _int_mm + rescale");
+  m.def("linear_atom_forward", &linear_atom_forward, "quantize (per atom) + _int_mm + rescale");
+  m.def("linear_backward_int8", &linear_backward_int8, "input gradient through _int_mm with W_q");
+  m.def("quantize_per_tensor", &quantize_per_tensor, "int8 codes with a static step");
+  m.def("quantize_per_atom", &quantize_per_atom, "int8 codes of [N,3,F] vectors, one invariant scale per atom");
+  m.def("quantize_per_row", &quantize_per_row, "int8 codes with one dynamic scale per row");
+  m.def("rescale", &rescale, "int32 GEMM output -> float32 with row/column scales, bias, STE mask");
+  m.def("ste_mask_", &ste_mask_, "in-place STE mask of a clamped quantizer");
+}

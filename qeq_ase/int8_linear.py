@@ -1,0 +1,419 @@
+"""Real INT8 linear layers for inference: int8 codes, an int8 x int8 -> int32 GEMM, forces.
+
+:class:`Int8ScalarLinear` and :class:`Int8VectorLinear` are the inference twins of
+:class:`qeq_ase.layers.ScalarLinear` / :class:`~qeq_ase.layers.VectorLinear` (same
+``irreps_in``/``irreps_out``), built from trained QAT layers with ``from_qat``. A forward
+pass is::
+
+    codes = quantize(x)                         int8 [M, K]       (one fused pass)
+    acc   = torch._int_mm(codes, W_q^T)         int32 [rows, N]   (oneDNN, VNNI)
+    y     = acc * row_scale * s_w + b           float32 [M, N]    (one fused pass)
+
+where the GEMM and the rescale run on blocks of rows whose int32 result stays in L2.
+
+* Weights: symmetric int8 codes ``W_q [N, K]`` per output channel, ``s_w [N]`` (the
+  ``1/sqrt(K)`` normalisation of the float layer folded in). Stored as ``weight_int8``;
+  a transposed copy ``[K, N]`` is kept for ``_int_mm``.
+* Scalar inputs: the static step ``s_x`` learned by LSQ (no reduction over the data):
+  ``codes = clamp(round(x / s_x), -127, 127)``, ``row_scale = s_x``.
+* Vector inputs ``[N, 3, F]``: one rotation-invariant scale per atom,
+  ``s_n = max_f |v[n, :, f]| / 127`` (``quantizers.fake_quantize_per_atom``); the GEMM runs
+  on the ``3N`` rows. The input is the MDDQ-quantized ``r~ u~``: its int8 representation
+  is that vector re-quantized on the atom's grid (see ``docs/quantization.md``: direction
+  codes times magnitude codes are not a GEMM operand, because the factor ``r~/|c|``
+  changes along the summed channel axis).
+
+Backward (forces): with the straight-through estimator the layer is linear in ``x``, so
+``dL/dx = (g @ W_deq) * mask`` where ``W_deq = W_q * s_w`` and ``mask`` is LSQ's STE mask
+(0 where ``x`` was clipped). ``backward="float"`` (default) uses a cached float copy of
+``W_deq`` and an fp32 GEMM, exact with respect to the dequantized layer;
+``backward="int8"`` quantizes ``g * s_w`` per row and reuses ``W_q`` in ``_int_mm``.
+Double backward (``create_graph=True``) runs a differentiable float path that gives the
+same second derivatives as the fake-quantized QAT layer (the STE mask has zero derivative).
+
+The fused kernels and the autograd node are C++ (``qeq_ase/csrc/int8_kernels.cpp``), built
+with ``torch.utils.cpp_extension`` on the first forward pass (never at import; 30-50 s
+once, then cached in ``~/.cache/torch_extensions``; ``-march=native``, so do not share
+that cache between different CPUs). ``backend="auto"`` falls back to eager torch with a
+warning when the build fails (or when ``QEQ_INT8_BACKEND=eager``); ``backend="cpp"``
+raises instead. ``layer.kernel`` says what runs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from e3nn import o3
+from torch import nn
+
+from .quantizers import (TINY, LSQQuantizer, MDDQQuantizer, fake_quantize_per_atom, lsq_fake_quantize,
+                         per_atom_scale, quantize_weight)
+
+BACKENDS = ("auto", "cpp", "eager")
+BACKWARD_KERNELS = ("float", "int8")
+INPUT_MODES = ("static", "atom")
+EXTENSION_NAME = "qeq_int8_kernels"
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_kernels.cpp"
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels: C++ (built lazily) or eager torch with the same signatures and results
+# ---------------------------------------------------------------------------------------
+
+class EagerKernels:
+    """Eager-torch twins of the C++ kernels: same arguments, same codes (used as fallback)."""
+
+    name = "eager torch"
+
+    @staticmethod
+    def quantize_per_tensor(x, step, qmax):
+        return torch.clamp(torch.round(x / step), -qmax, qmax).to(torch.int8)
+
+    @staticmethod
+    def quantize_per_atom(v, qmax, tiny):
+        scale = per_atom_scale(v, qmax)
+        codes = torch.clamp(torch.round(v / scale), -qmax, qmax).to(torch.int8)
+        return codes, scale.reshape(-1)
+
+    @staticmethod
+    def quantize_per_row(x, col_scale, qmax, tiny):
+        y = x * col_scale if col_scale is not None else x
+        scale = y.abs().amax(dim=1).clamp_min(tiny) / qmax
+        return torch.clamp(torch.round(y / scale[:, None]), -qmax, qmax).to(torch.int8), scale
+
+    @staticmethod
+    def rescale(acc, row_scale, row_group, col_scale, bias, mask_x, mask_step, qmax):
+        r = row_scale if row_scale.numel() == 1 else row_scale.repeat_interleave(row_group)[:, None]
+        out = acc.to(row_scale.dtype) * (r * col_scale if col_scale is not None else r)
+        if bias is not None and bias.numel():
+            out = out + bias
+        if mask_x is not None:
+            y = mask_x / mask_step
+            out = out * ((y >= -qmax) & (y <= qmax)).to(out.dtype)
+        return out
+
+    @staticmethod
+    def ste_mask_(grad, x, step, qmax):
+        y = x / step
+        return grad.mul_(((y >= -qmax) & (y <= qmax)).to(grad.dtype))
+
+    @classmethod
+    def linear_static_forward(cls, x, step, qmax, w_t, w_scale, bias):
+        acc = torch._int_mm(cls.quantize_per_tensor(x, step, qmax), w_t)
+        clipped = bool((x.abs() / step > qmax).any())
+        return cls.rescale(acc, x.new_full((1,), step), 1, w_scale, bias, None, 1.0, qmax), clipped
+
+    @classmethod
+    def linear_atom_forward(cls, x, qmax, tiny, w_t, w_scale):
+        codes, scale = cls.quantize_per_atom(x.view(-1, 3, x.shape[1]), qmax, tiny)
+        return cls.rescale(torch._int_mm(codes.view(x.shape), w_t), scale, 3, w_scale, None, None, 1.0, qmax)
+
+    @classmethod
+    def linear_backward_int8(cls, grad, w_scale, w, x, step, qmax, tiny):
+        codes, scale = cls.quantize_per_row(grad, w_scale, 127, tiny)
+        return cls.rescale(torch._int_mm(codes, w), scale, 1, None, None, x, step, qmax)
+
+    @staticmethod
+    def int8_linear(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8):
+        return _EagerInt8Linear.apply(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8)
+
+
+_cpp_module = None
+_cpp_error: str | None = None
+
+
+def load_cpp_kernels():
+    """Build (first call, 30-50 s) or load the C++ kernels; raise RuntimeError if impossible."""
+    global _cpp_module, _cpp_error
+    if _cpp_module is not None:
+        return _cpp_module
+    if _cpp_error is not None:
+        raise RuntimeError(_cpp_error)
+    try:
+        from torch.utils.cpp_extension import load
+        module = load(name=EXTENSION_NAME, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, verbose=False)
+    except Exception as err:  # no compiler, no ninja, missing headers, ...
+        _cpp_error = (f"could not build the qeq_ase int8 C++ kernels from {_SOURCE} "
+                      f"({type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}). "
+                      "They need a C++17 compiler (g++/clang++) and ninja (pip install ninja); "
+                      "or use backend='eager' (slower).")
+        raise RuntimeError(_cpp_error) from err
+    module.name = "C++ fused (qeq_ase/csrc/int8_kernels.cpp)"
+    _cpp_module = module
+    return module
+
+
+def get_kernels(backend: str = "auto"):
+    """The kernel set for ``backend`` (``"auto"``: C++ if it builds, else eager with a warning)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    if backend == "cpp":
+        return load_cpp_kernels()
+    if backend == "eager" or os.environ.get("QEQ_INT8_BACKEND") == "eager":
+        return EagerKernels
+    try:
+        return load_cpp_kernels()
+    except RuntimeError as err:
+        warnings.warn(f"{err} Falling back to eager torch kernels.", RuntimeWarning, stacklevel=3)
+        return EagerKernels
+
+
+# ---------------------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------------------
+
+class _EagerInt8Linear(torch.autograd.Function):
+    """Python twin of ``Int8LinearFunction`` in the C++ file (same arguments, same results).
+
+    ``x [M, K]`` float32; ``w_t [K, N]`` / ``w [N, K]`` int8 codes; ``w_deq [N, K]`` =
+    ``W_q * s_w``; ``bias [N]`` or empty; ``atom``: per-atom input grid, else static step.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8):
+        if atom:
+            y, clipped = EagerKernels.linear_atom_forward(x, qmax, TINY, w_t, w_scale), False
+        else:
+            y, clipped = EagerKernels.linear_static_forward(x, step, qmax, w_t, w_scale, bias)
+        ctx.save_for_backward(x if clipped else None, w, w_deq, w_scale)  # x only for the STE mask
+        ctx.step, ctx.qmax, ctx.backward_int8 = step, qmax, backward_int8
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, w_deq, w_scale = ctx.saved_tensors
+        masked = x is not None  # some input was clipped: its gradient is 0 (LSQ's STE)
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiable float path, so that second derivatives exist.
+            gx = grad @ w_deq
+            if masked:
+                y = x.detach() / ctx.step
+                gx = gx * ((y >= -ctx.qmax) & (y <= ctx.qmax)).to(gx.dtype)
+        elif not ctx.backward_int8:
+            gx = torch.mm(grad.contiguous(), w_deq)
+            if masked:
+                EagerKernels.ste_mask_(gx, x, ctx.step, ctx.qmax)
+        else:
+            gx = EagerKernels.linear_backward_int8(grad.contiguous(), w_scale, w, x, ctx.step, ctx.qmax, TINY)
+        return (gx,) + (None,) * 9
+
+
+# ---------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------
+
+class _Int8LinearBase(nn.Module):
+    """Buffers (saved in the state dict): ``weight_int8 [out, in]`` int8, ``weight_scale [out]``
+    (float, includes ``1/sqrt(in)``), ``bias [out]`` or None, ``input_step`` (scalar, the
+    static activation step; unused for per-atom vector inputs)."""
+
+    input_mode = "static"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, input_qmax: int = 127,
+                 backend: str = "auto", backward: str = "float"):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        if backward not in BACKWARD_KERNELS:
+            raise ValueError(f"backward must be one of {BACKWARD_KERNELS}, not {backward!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.input_qmax, self.backend, self.backward_kernel = input_qmax, backend, backward
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("input_step", torch.tensor(1.0))
+        self.register_buffer("weight_int8_t", torch.zeros(in_features, out_features, dtype=torch.int8),
+                             persistent=False)
+        self._kernels = None
+        self.register_load_state_dict_post_hook(lambda module, keys: module.refresh())
+
+    def refresh(self) -> None:
+        """Rebuild the derived tensors (transposed codes, caches) after the codes changed."""
+        # A fresh [in, out] tensor, not .t().contiguous(): for out == 1 that returns a view
+        # with strides (1, 1), which torch._int_mm (CPU, torch 2.13) misreads into garbage.
+        self.weight_int8_t = torch.empty(self.in_features, self.out_features, dtype=torch.int8,
+                                         device=self.weight_int8.device).copy_(self.weight_int8.t())
+        self._weight_dequant = self.weight_int8.float() * self.weight_scale[:, None]
+        self.input_step_value = float(self.input_step)
+        # kernel arguments as one plain tuple: reading buffers through nn.Module.__getattr__
+        # costs ~0.8 us each, which matters at M = 21 (the whole int8 GEMM takes ~5 us)
+        bias = self.bias if self.bias is not None else self.weight_scale.new_zeros(0)
+        self._call = (self.weight_int8_t, self.weight_int8, self._weight_dequant, self.weight_scale, bias,
+                      self.input_step_value, self.input_qmax, self.input_mode == "atom")
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the codes; .double()/.half() must not touch them or the float32
+        # scales the kernels take, and the dequantized-weight cache must follow the device.
+        super()._apply(fn, recurse)
+        for name in ("weight_scale", "bias", "input_step"):
+            value = getattr(self, name)
+            if value is not None and value.dtype != torch.float32:
+                setattr(self, name, value.to(torch.float32))
+        self.refresh()
+        return self
+
+    def _ops(self):
+        if self._kernels is None:
+            self._kernels = get_kernels(self.backend)
+        return self._kernels
+
+    @property
+    def kernel(self) -> str:
+        """What runs: GEMM, quantize/rescale kernels, backward GEMM (builds the C++ kernels)."""
+        backward = ("fp32 GEMM with the dequantized weight" if self.backward_kernel == "float"
+                    else "torch._int_mm with per-row int8 gradients")
+        return (f"torch._int_mm (int8 x int8 -> int32) + {self._ops().name} quantize/rescale; "
+                f"backward: {backward}")
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``W_q * s_w`` as float32 ``[out, in]`` (cached; the effective weight of the layer)."""
+        return self._weight_dequant
+
+    def _set_weight(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        with torch.no_grad():
+            self.weight_int8.copy_(codes)
+            self.weight_scale.copy_(scale)
+            if self.bias is not None:
+                self.bias.copy_(bias.detach())
+        self.refresh()
+
+    def _apply_int8(self, x2d: torch.Tensor) -> torch.Tensor:
+        if x2d.dtype is not torch.float32:
+            raise TypeError(f"{type(self).__name__} takes float32 inputs, got {x2d.dtype}")
+        if x2d.shape[0] == 0:
+            return x2d.new_zeros(0, self.out_features)
+        if not x2d.is_contiguous():
+            x2d = x2d.contiguous()
+        w_t, w, w_deq, w_scale, bias, step, qmax, atom = self._call
+        ops = self._kernels or self._ops()
+        if x2d.requires_grad and torch.is_grad_enabled():
+            return ops.int8_linear(x2d, w_t, w, w_deq, w_scale, bias, step, qmax, atom,
+                                   self.backward_kernel == "int8")
+        if atom:  # no autograd node needed
+            return ops.linear_atom_forward(x2d, qmax, TINY, w_t, w_scale)
+        return ops.linear_static_forward(x2d, step, qmax, w_t, w_scale, bias)[0]
+
+    def extra_repr(self) -> str:
+        return (f"{self.irreps_in} -> {self.irreps_out}, int8 weights, {self.input_mode} int8 inputs, "
+                f"bias={self.bias is not None}, backend={self.backend}, backward={self.backward_kernel}")
+
+
+class Int8ScalarLinear(_Int8LinearBase):
+    """INT8 twin of :class:`qeq_ase.layers.ScalarLinear`: ``[..., in] -> [..., out]`` float32.
+
+    The input is quantized with the static step ``input_step`` (LSQ), codes in ``[-127, 127]``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs):
+        super().__init__(in_features, out_features, bias, **kwargs)
+        self.irreps_in = o3.Irreps(f"{in_features}x0e")
+        self.irreps_out = o3.Irreps(f"{out_features}x0e")
+        self.refresh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._apply_int8(x.reshape(-1, self.in_features))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The dequantized float layer (any dtype, autograd): for tests only."""
+        step = self.input_step.to(x.dtype)
+        xq = lsq_fake_quantize(x, step, self.input_qmax, self.input_qmax)
+        w = self.weight_int8.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None]
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(xq, w, b)
+
+    @classmethod
+    def from_qat(cls, layer: nn.Module, input_quantizer: LSQQuantizer | None = None, **kwargs) -> "Int8ScalarLinear":
+        """Convert a trained :class:`qeq_ase.qat.QATScalarLinear`.
+
+        ``input_quantizer``: the observer whose step the layer uses when its own input
+        quantizer was linked away (``layer.input_observer`` names it; see
+        :func:`qeq_ase.qat.link_observers`).
+        """
+        quantizer = layer.input_quantizer if layer.input_quantizer is not None else input_quantizer
+        if not isinstance(quantizer, LSQQuantizer) or not quantizer.signed:
+            raise ValueError(f"{type(layer).__name__} has no signed LSQ input quantizer; pass the observer "
+                             f"{getattr(layer, 'input_observer', None)!r} as input_quantizer")
+        codes, scale = quantize_weight(layer.weight, layer.weight_bits, layer.per_channel)
+        new = cls(layer.in_features, layer.out_features, layer.bias is not None, input_qmax=quantizer.qp, **kwargs)
+        new.input_step.fill_(quantizer.effective_step())
+        new._set_weight(codes, scale.float() / math.sqrt(layer.in_features), layer.bias)
+        return new.to(layer.weight.device)
+
+
+class Int8VectorLinear(_Int8LinearBase):
+    """INT8 twin of :class:`qeq_ase.layers.VectorLinear`: ``[N, 3, in] -> [N, 3, out]``, no bias.
+
+    ``input_mode="atom"`` (MDDQ scheme): codes on a per-atom grid ``max_f |v[n,:,f]| / 127``,
+    invariant under rotations; ``mddq`` (optional) is a float MDDQ quantizer applied first
+    (when the QAT layer quantized its own input; when an observer upstream did, it is None).
+    ``input_mode="static"`` (naive scheme): every component on one per-tensor grid.
+    """
+
+    def __init__(self, in_features: int, out_features: int, input_mode: str = "atom",
+                 mddq: MDDQQuantizer | None = None, **kwargs):
+        if input_mode not in INPUT_MODES:
+            raise ValueError(f"input_mode must be one of {INPUT_MODES}, not {input_mode!r}")
+        super().__init__(in_features, out_features, bias=False, **kwargs)
+        self.input_mode = input_mode
+        self.mddq = mddq
+        self.irreps_in = o3.Irreps(f"{in_features}x1o")
+        self.irreps_out = o3.Irreps(f"{out_features}x1o")
+        self.refresh()
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        if v.dim() != 3 or v.shape[1] != 3:
+            raise ValueError(f"{type(self).__name__} expects vectors [N, 3, F], got {tuple(v.shape)}")
+        if self.mddq is not None:
+            v = self.mddq(v)
+        y = self._apply_int8(v.reshape(-1, self.in_features))
+        return y.view(v.shape[0], 3, self.out_features)
+
+    def reference_forward(self, v: torch.Tensor) -> torch.Tensor:
+        """The dequantized float layer (any dtype, autograd): for tests only."""
+        if self.mddq is not None:
+            v = self.mddq(v)
+        if self.input_mode == "atom":
+            vq = fake_quantize_per_atom(v, bits=int(math.log2(self.input_qmax + 1)) + 1)  # qmax = 2^(b-1) - 1
+        else:
+            vq = lsq_fake_quantize(v, self.input_step.to(v.dtype), self.input_qmax, self.input_qmax)
+        w = self.weight_int8.to(v.dtype) * self.weight_scale.to(v.dtype)[:, None]
+        return nn.functional.linear(vq, w)
+
+    @classmethod
+    def from_qat(cls, layer: nn.Module, input_quantizer: nn.Module | None = None, **kwargs) -> "Int8VectorLinear":
+        """Convert a trained :class:`qeq_ase.qat.QATVectorLinear`.
+
+        * MDDQ scheme (``layer.requantize_per_atom``): per-atom int8 inputs. If the layer
+          holds its own MDDQ quantizer, a copy runs (in float) before the GEMM; if an observer
+          upstream quantized its input, nothing is needed here.
+        * Naive scheme: the static per-tensor step of the layer's LSQ input quantizer, or of
+          ``input_quantizer`` (the linked observer).
+        """
+        import copy
+
+        quantizer = layer.input_quantizer if layer.input_quantizer is not None else input_quantizer
+        codes, scale = quantize_weight(layer.weight, layer.weight_bits, layer.per_channel)
+        if layer.requantize_per_atom:
+            mddq = None
+            if layer.input_quantizer is not None:
+                if not isinstance(layer.input_quantizer, MDDQQuantizer):
+                    raise ValueError("per-atom requantization expects an MDDQ input quantizer (or none)")
+                mddq = copy.deepcopy(layer.input_quantizer).eval().requires_grad_(False)
+                mddq.enabled, mddq.calibrating = True, False  # always on at inference
+                mddq.effective_step()                         # raises if never initialised
+            new = cls(layer.in_features, layer.out_features, "atom", mddq,
+                      input_qmax=2 ** (layer.activation_bits - 1) - 1, **kwargs)
+        else:
+            if not isinstance(quantizer, LSQQuantizer) or not quantizer.signed:
+                raise ValueError(f"{type(layer).__name__} has no signed LSQ input quantizer; pass the observer "
+                                 f"{getattr(layer, 'input_observer', None)!r} as input_quantizer")
+            new = cls(layer.in_features, layer.out_features, "static", None, input_qmax=quantizer.qp, **kwargs)
+            new.input_step.fill_(quantizer.effective_step())
+        new._set_weight(codes, scale.float() / math.sqrt(layer.in_features), None)
+        return new.to(layer.weight.device)

@@ -1,0 +1,234 @@
+"""Real INT8 layers: int8 storage, agreement with the dequantized float layer and with QAT,
+input gradients (forces), double backward, rotation-invariant vector grids.
+
+Tolerances: the int8 GEMM is exact (int32 accumulation), so the int8 layer and its
+dequantized float reference differ only by float32 rounding of the rescale (~1e-6
+relative). ``backward="int8"`` also quantizes the output gradient per row to 8 bits:
+about 0.4% relative error (bound 2%).
+"""
+
+import pytest
+import torch
+from e3nn import o3
+
+from qeq_ase import int8_linear
+from qeq_ase.int8_linear import EagerKernels, Int8ScalarLinear, Int8VectorLinear
+from qeq_ase.qat import NaiveQATLayerFactory, QATLayerFactory, QATScalarLinear, QATVectorLinear
+from qeq_ase.quantizers import LSQQuantizer, fake_quantize_per_atom, lsq_codes
+
+FLOAT_RTOL = 1e-5     # int8 layer vs dequantized float32 reference (rounding of the rescale)
+INT8_GRAD_RTOL = 2e-2  # backward="int8": per-row 8-bit gradients
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def qat_scalar(K=32, N=24, bias=True, seed=0, clip=False):
+    torch.manual_seed(seed)
+    layer = QATScalarLinear(K, N, bias)
+    with torch.no_grad():
+        if bias:
+            layer.bias.normal_()
+        x = torch.randn(200, K)
+        layer.input_quantizer.initialize(x)
+        if clip:  # a step so small that ~5% of inputs are clipped
+            layer.input_quantizer.step.mul_(0.5)
+    return layer
+
+
+def qat_vector(K=32, N=24, seed=0):
+    torch.manual_seed(seed)
+    layer = QATVectorLinear(K, N)
+    with torch.no_grad():
+        layer.input_quantizer.magnitude.initialize(torch.randn(50, 3, K).norm(dim=1))
+    return layer
+
+
+@pytest.mark.parametrize("backend", ["cpp", "eager"])
+def test_scalar_int8_layer_holds_int8_and_matches_qat_and_reference(backend):
+    qat = qat_scalar()
+    layer = Int8ScalarLinear.from_qat(qat, backend=backend)
+    assert layer.weight_int8.dtype == torch.int8 and layer.weight_int8_t.dtype == torch.int8
+    assert "_int_mm" in layer.kernel and ("C++" in layer.kernel) == (backend == "cpp")
+    assert layer.irreps_in == qat.irreps_in and layer.irreps_out == qat.irreps_out
+    torch.manual_seed(1)
+    for shape in [(1, 32), (21, 32), (400, 32), (2, 7, 32)]:
+        x = torch.randn(*shape) * 1.5       # some inputs beyond the calibrated range: clipped
+        y = layer(x)
+        assert y.shape == (*shape[:-1], 24) and y.dtype == torch.float32
+        assert rel_err(y, layer.reference_forward(x).detach()) < FLOAT_RTOL
+        assert rel_err(y, qat(x).detach()) < FLOAT_RTOL
+    # the input codes are exactly those of the QAT quantizer
+    codes = layer._ops().quantize_per_tensor(x.reshape(-1, 32), layer.input_step_value, 127)
+    assert torch.equal(codes.float(), lsq_codes(x.reshape(-1, 32), qat.input_quantizer.effective_step(), 127, 127))
+    assert layer(torch.zeros(0, 32)).shape == (0, 24)
+
+
+def test_cpp_and_eager_kernels_agree_bitwise():
+    cpp = int8_linear.load_cpp_kernels()
+    torch.manual_seed(2)
+    x, v = torch.randn(37, 20), torch.randn(11, 3, 20)
+    assert torch.equal(cpp.quantize_per_tensor(x, 0.01, 127), EagerKernels.quantize_per_tensor(x, 0.01, 127))
+    for a, b in zip(cpp.quantize_per_atom(v, 127, 1e-30), EagerKernels.quantize_per_atom(v, 127, 1e-30)):
+        assert torch.equal(a, b)
+    cs = torch.rand(20)
+    for a, b in zip(cpp.quantize_per_row(x, cs, 127, 1e-30), EagerKernels.quantize_per_row(x, cs, 127, 1e-30)):
+        assert torch.equal(a, b)
+    acc, rs, bias = torch.randint(-50000, 50000, (37, 20), dtype=torch.int32), torch.rand(1), torch.randn(20)
+    assert torch.equal(cpp.rescale(acc, rs, 1, cs, bias, x, 0.01, 127),
+                       EagerKernels.rescale(acc, rs, 1, cs, bias, x, 0.01, 127))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "eager"])
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("backward", ["float", "int8"])
+def test_scalar_input_gradient_matches_dequantized_layer(backward, clip, backend):
+    layer = Int8ScalarLinear.from_qat(qat_scalar(clip=clip), backward=backward, backend=backend)
+    torch.manual_seed(3)
+    x = torch.randn(300, 32)
+    g = torch.randn(300, 24)
+    xi, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    layer(xi).backward(g)
+    layer.reference_forward(xr).backward(g)
+    assert rel_err(xi.grad, xr.grad) < (FLOAT_RTOL if backward == "float" else INT8_GRAD_RTOL)
+    clipped = (x / layer.input_step_value).abs() > 127
+    assert (xi.grad[clipped] == 0).all() and (clipped.any() or not clip)  # STE: clipped inputs get 0
+
+
+def test_gradient_is_the_finite_difference_of_the_straight_through_surrogate():
+    """Rounding makes the quantized layer piecewise constant; forces are the gradient of its
+    straight-through surrogate ``clamp(x) @ W_deq.T + b``. Check that by central differences."""
+    layer = Int8ScalarLinear.from_qat(qat_scalar(K=8, N=5, clip=True))
+    lim = 127 * layer.input_step_value
+    w = layer.dequantized_weight().double()
+    c = torch.randn(5, dtype=torch.float64)
+
+    def surrogate(x):
+        return ((x.clamp(-lim, lim) @ w.T) * c).sum()
+
+    torch.manual_seed(4)
+    x = torch.randn(6, 8) * 1.5
+    xi = x.clone().requires_grad_(True)
+    (layer(xi) * c.float()).sum().backward()
+    h = 1e-6
+    for i, j in [(0, 0), (1, 3), (4, 7), (5, 2)]:
+        if abs(abs(x[i, j].item()) - lim) < 10 * h:
+            continue
+        xp, xm = x.double().clone(), x.double().clone()
+        xp[i, j] += h
+        xm[i, j] -= h
+        fd = (surrogate(xp) - surrogate(xm)) / (2 * h)
+        assert xi.grad[i, j].item() == pytest.approx(fd.item(), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "eager"])
+def test_double_backward_matches_dequantized_layer(backend):
+    layer = Int8ScalarLinear.from_qat(qat_scalar(clip=True), backend=backend)
+    torch.manual_seed(5)
+    x = torch.randn(50, 32)
+    results = []
+    for forward in (layer, layer.reference_forward):
+        c = torch.randn(24, generator=torch.Generator().manual_seed(6)).requires_grad_(True)
+        xi = x.clone().requires_grad_(True)
+        energy = (torch.nn.functional.silu(forward(xi)) * c).sum()
+        (force,) = torch.autograd.grad(energy, xi, create_graph=True)
+        force.pow(2).sum().backward()                       # a force loss, as in training
+        results.append((force.detach(), c.grad, xi.grad))
+    for a, b in zip(*results):
+        assert rel_err(a, b) < FLOAT_RTOL
+
+
+def test_vector_layer_per_atom_grid_matches_qat_and_is_rotation_invariant():
+    qat = qat_vector()
+    layer = Int8VectorLinear.from_qat(qat)                    # QAT layer's own MDDQ runs first
+    assert layer.input_mode == "atom" and layer.mddq is not None and layer.bias is None
+    assert layer.irreps_in == qat.irreps_in and layer.irreps_out == qat.irreps_out
+    torch.manual_seed(7)
+    v = torch.randn(30, 3, 32) * torch.rand(30, 1, 32)
+    v[0] = 0.0                                                # an atom without vector features
+    y = layer(v)
+    assert y.shape == (30, 3, 24) and torch.isfinite(y).all() and (y[0] == 0).all()
+    assert rel_err(y, qat(v).detach()) < FLOAT_RTOL
+    assert rel_err(y, layer.reference_forward(v).detach()) < FLOAT_RTOL
+    # per-atom int8 input: codes of the QAT fake quantizer, scale invariant under rotation
+    vq = layer.mddq(v)
+    codes, scale = layer._ops().quantize_per_atom(vq, 127, 1e-30)
+    assert torch.equal(codes.float() * scale[:, None, None], fake_quantize_per_atom(vq))
+    rotation = o3.rand_matrix(dtype=torch.float64)
+    vr = torch.einsum("ij,njf->nif", rotation, vq.double()).float().contiguous()
+    assert torch.allclose(layer._ops().quantize_per_atom(vr, 127, 1e-30)[1], scale, rtol=1e-6)
+    # the whole layer is equivariant up to the int8 error of its input grid
+    y_rot = layer(torch.einsum("ij,njf->nif", rotation, v.double()).float())
+    y_ref = torch.einsum("ij,njf->nif", rotation, y.double()).float()
+    assert rel_err(y_rot, y_ref) < 2e-2
+
+
+@pytest.mark.parametrize("backend", ["cpp", "eager"])
+@pytest.mark.parametrize("backward", ["float", "int8"])
+def test_vector_input_gradient_matches_qat_layer(backward, backend):
+    qat = qat_vector()
+    layer = Int8VectorLinear.from_qat(qat, backward=backward, backend=backend)
+    torch.manual_seed(8)
+    v = torch.randn(20, 3, 32)
+    g = torch.randn(20, 3, 24)
+    vi, vq = v.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    layer(vi).backward(g)
+    qat(vq).backward(g)
+    assert rel_err(vi.grad, vq.grad) < (FLOAT_RTOL if backward == "float" else INT8_GRAD_RTOL)
+
+
+def test_linked_observer_conversion_and_naive_vector_layer():
+    torch.manual_seed(9)
+    # full scheme, observer upstream: the int8 layer only re-grids per atom
+    qat = QATLayerFactory().vector_linear(16, 8)
+    qat.input_quantizer = None
+    layer = Int8VectorLinear.from_qat(qat)
+    v = torch.randn(5, 3, 16)
+    assert layer.mddq is None and rel_err(layer(v), qat(v).detach()) < FLOAT_RTOL
+    # naive scheme: one static per-tensor step for all components, from the linked observer
+    naive = NaiveQATLayerFactory().vector_linear(16, 8)
+    observer, naive.input_quantizer = naive.input_quantizer, None
+    observer(v)                                               # lazy init of its step
+    with pytest.raises(ValueError, match="input_quantizer"):
+        Int8VectorLinear.from_qat(naive)
+    layer = Int8VectorLinear.from_qat(naive, input_quantizer=observer)
+    assert layer.input_mode == "static"
+    assert rel_err(layer(v), naive(observer(v)).detach()) < FLOAT_RTOL
+
+
+def test_state_dict_round_trip_and_input_checks():
+    layer = Int8ScalarLinear.from_qat(qat_scalar())
+    fresh = Int8ScalarLinear(32, 24)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(9, 32)
+    assert torch.equal(fresh(x), layer(x))
+    assert set(layer.state_dict()) == {"weight_int8", "weight_scale", "bias", "input_step"}
+    with pytest.raises(TypeError, match="float32"):
+        layer(x.double())
+    assert layer.double()(x).dtype == torch.float32          # .double() leaves the int8 layer intact
+    linked = QATScalarLinear(4, 4)
+    linked.input_quantizer = None                             # its observer was not passed
+    with pytest.raises(ValueError, match="input_quantizer"):
+        Int8ScalarLinear.from_qat(linked)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        Int8ScalarLinear.from_qat(linked, input_quantizer=LSQQuantizer())
+
+
+def test_int_mm_odd_shapes():
+    torch.manual_seed(10)
+    for K, N in [(3, 1), (1, 5), (7, 13)]:
+        qat = qat_scalar(K=K, N=N)
+        layer = Int8ScalarLinear.from_qat(qat)
+        x = torch.randn(1, K)
+        assert rel_err(layer(x), qat(x).detach()) < FLOAT_RTOL
+
+
+def test_missing_compiler_gives_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(int8_linear, "_cpp_module", None)
+    monkeypatch.setattr(int8_linear, "_cpp_error", None)
+    monkeypatch.setattr(int8_linear, "_SOURCE", tmp_path / "missing.cpp")
+    with pytest.raises(RuntimeError, match="C\\+\\+17 compiler"):
+        int8_linear.get_kernels("cpp")
+    with pytest.warns(RuntimeWarning, match="Falling back to eager"):
+        assert int8_linear.get_kernels("auto") is EagerKernels
