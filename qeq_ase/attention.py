@@ -10,13 +10,16 @@ logit lies in ``[-1/tau, 1/tau]`` whatever the scale of the features. Bounded lo
 what make attention robust when features are quantized to 8 bits; ``normalize=False``
 gives the usual ``q.k / sqrt(d)`` logits for ablations.
 
-Attention weights are a softmax with a "sink" of logit 0 and every term weighted by the
-cutoff envelope ``C(r_ij)``::
+Two ways to turn logits into attention weights (``activation``):
 
-    a_ij = C_ij exp(l_ij) / (1 + sum_k C_ik exp(l_ik))
+- ``"silu"`` (TorchMD-Net's equivariant transformer): ``a_ij = C_ij silu(l_ij)``, a gate
+  per edge with no normalisation over neighbours, so a sum of messages still counts them.
+- ``"softmax"``: a softmax with a "sink" of logit 0 and every term weighted by the cutoff
+  envelope ``C(r_ij)``, ``a_ij = C_ij exp(l_ij) / (1 + sum_k C_ik exp(l_ik))``. The sink
+  keeps the weights continuous when the last neighbour leaves the cutoff (a plain softmax
+  would jump from 1 to 0).
 
-The sink keeps the weights continuous when the last neighbour leaves the cutoff (a plain
-softmax would jump from 1 to 0); the envelope makes them vanish smoothly at ``r_c``.
+Either way the envelope makes the weights vanish smoothly at ``r_c``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ def sink_softmax(logits: torch.Tensor, weight: torch.Tensor, receiver: torch.Ten
     return w / torch.index_select(denominator, 0, receiver)
 
 
+ATTENTION_ACTIVATIONS = ("softmax", "silu")
+
+
 class EquivariantAttention(nn.Module):
     """One interaction layer: attention-weighted scalar messages and equivariant vector messages.
 
@@ -56,10 +62,13 @@ class EquivariantAttention(nn.Module):
     """
 
     def __init__(self, num_features: int, num_heads: int, normalize: bool = True,
-                 temperature: float = 0.2, factory: LayerFactory | None = None):
+                 temperature: float = 0.2, factory: LayerFactory | None = None, activation: str = "softmax"):
         super().__init__()
         if num_features % num_heads:
             raise ValueError(f"num_features={num_features} is not divisible by num_heads={num_heads}")
+        if activation not in ATTENTION_ACTIVATIONS:
+            raise ValueError(f"attention activation must be one of {ATTENTION_ACTIVATIONS}, not {activation!r}")
+        self.activation = activation
         factory = factory or LayerFactory()
         F = num_features
         self.num_features, self.num_heads, self.normalize = F, num_heads, normalize
@@ -101,7 +110,10 @@ class EquivariantAttention(nn.Module):
         k_j, values_j = torch.index_select(torch.cat([k, values], dim=-1), 0, sender).split([F, 3 * F], dim=-1)
         q_i = torch.index_select(q, 0, receiver)
         logits = self.attention_logits(q_i.view(-1, H, F // H), (k_j * key_filter).view(-1, H, F // H))
-        attn = sink_softmax(logits, envelope, receiver, N)                     # [E, H]
+        if self.activation == "silu":
+            attn = nn.functional.silu(logits) * envelope[:, None]                  # [E, H]
+        else:
+            attn = sink_softmax(logits, envelope, receiver, N)
 
         x, g_vec, g_dir = (values_j * value_filter).split(F, dim=-1)
         msg_s = (x.view(-1, H, F // H) * attn[:, :, None]).view(-1, F)          # [E, F]

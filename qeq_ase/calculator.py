@@ -13,7 +13,9 @@ property                  meaning
 
 The calculator only talks to the model through ``config.cutoff``, ``config.species``,
 ``species_index`` and ``energy_and_forces``, so any potential that
-:func:`qeq_ase.registry.load_model` returns (float or, later, INT8) plugs in unchanged.
+:func:`qeq_ase.registry.load_model` returns plugs in unchanged: float32/float64, QAT, or
+INT8 (:mod:`qeq_ase.int8_model`; float32 only, its linear layers run ``torch._int_mm``
+GEMMs, never a dequantized float forward; ``int8_kernel_report(calc.model)`` lists them).
 
 Periodic cells are supported: edges and image shifts come from
 :func:`qeq_ase.neighbors.periodic_edges`. A molecule in a box larger than the cutoff plus
@@ -92,8 +94,8 @@ class QEqCalculator(Calculator):
         model: shipped potential name (see :func:`qeq_ase.registry.shipped_names`), path
             to a potential file, or a built :class:`~qeq_ase.model.QEqModel` (used as is).
         device: torch device of the model, e.g. ``"cpu"`` or ``"cuda"``.
-        dtype: ``"float32"`` (default for files) or ``"float64"``; for a built model, None
-            (its own dtype).
+        dtype: ``"float32"`` (default for files) or ``"float64"`` (not for INT8 files); for
+            a built model, None (its own dtype).
         **kwargs: passed to :class:`ase.calculators.calculator.Calculator` (``label``,
             ``atoms``, ``directory``).
 

@@ -1,5 +1,8 @@
 """Package a trained model as a shipped potential: ``qeq-export RUN/best.pt TEST.npz -o potentials/NAME.pt``.
 
+``--int8`` takes a QAT checkpoint and writes the real int8 model
+(:func:`qeq_ase.int8_model.convert_to_int8`): int8 weight codes with scales, integer kernels.
+
 Evaluates the model on every frame of the test file and writes the errors into the
 potential's metadata, next to the training data, epochs and architecture it already
 carries, so the numbers in ``docs/`` can always be traced to the file and this command.
@@ -24,9 +27,22 @@ from .evaluate import error_metrics, predict_frames
 SUBSET_FRAMES = 100
 
 
-def export_potential(checkpoint: str, test_file: str, output: str, name: str | None = None) -> dict:
-    """Evaluate ``checkpoint`` on ``test_file`` and write it with full metadata to ``output``."""
+def export_potential(checkpoint: str, test_file: str, output: str, name: str | None = None,
+                     int8: bool = False) -> dict:
+    """Evaluate ``checkpoint`` on ``test_file`` and write it with full metadata to ``output``.
+
+    ``int8=True``: ``checkpoint`` must be a QAT file; the int8 model is what gets evaluated
+    and written.
+    """
+    precision = read_potential_file(checkpoint)["precision"]
     model, metadata = load_potential_file(checkpoint)
+    if int8:
+        if precision != "qat":
+            raise ValueError(f"--int8 needs a quantization-aware (precision 'qat') checkpoint; "
+                             f"{checkpoint} is {precision!r}: fine-tune it with a 'quantization:' training config")
+        from .int8_model import convert_to_int8
+
+        model, precision = convert_to_int8(model), "int8"
     test = load_rmd17(test_file)
     energy, forces = predict_frames(model, test)
     errors = error_metrics(test, energy, forces)
@@ -38,11 +54,12 @@ def export_potential(checkpoint: str, test_file: str, output: str, name: str | N
         "name": name or os.path.splitext(os.path.basename(output))[0],
         "test_errors": errors,
         "num_parameters": model.num_parameters(),
-        "quantization": {"scheme": "none", "weights": "float32"},
         "exported": {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
                      "torch": torch.__version__, "machine": platform.processor() or platform.machine()},
     })
-    save_potential(output, model, metadata, precision=read_potential_file(checkpoint)["precision"])
+    if precision == "fp32":
+        metadata["quantization"] = {"scheme": "none", "weights": "float32"}
+    save_potential(output, model, metadata, precision=precision)
     return metadata
 
 
@@ -52,8 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("test_file", help="rMD17 test .npz file; every frame is evaluated")
     parser.add_argument("-o", "--output", required=True, help="output potential file, e.g. potentials/aspirin_fp32.pt")
     parser.add_argument("--name", default=None, help="potential name recorded in the metadata")
+    parser.add_argument("--int8", action="store_true",
+                        help="convert a QAT checkpoint to the real int8 model (int8 weights, integer kernels)")
     args = parser.parse_args(argv)
-    metadata = export_potential(args.checkpoint, args.test_file, args.output, args.name)
+    metadata = export_potential(args.checkpoint, args.test_file, args.output, args.name, args.int8)
     print(json.dumps({"output": args.output, "test_errors": metadata["test_errors"]}, indent=2))
 
 

@@ -32,6 +32,11 @@ class ModelConfig:
         attention_normalization: cosine attention with a learned temperature (True) or
             plain scaled dot-product logits (False, for ablations).
         temperature: initial attention temperature (normalised attention only).
+        attention_activation: ``"softmax"`` (sink softmax over neighbours) or ``"silu"``
+            (an un-normalised gate per edge, as in TorchMD-Net); see ``attention``.
+        neighbor_embedding: start the scalar features from the element embedding plus a
+            radially filtered sum of the neighbours' element embeddings (TorchMD-Net's
+            neighbour embedding) instead of the element embedding alone.
     """
 
     species: list[int] = field(default_factory=lambda: [1, 6, 7, 8])
@@ -42,6 +47,8 @@ class ModelConfig:
     num_radial: int = 32
     attention_normalization: bool = True
     temperature: float = 0.2
+    attention_activation: str = "softmax"
+    neighbor_embedding: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,6 +60,24 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config key(s) {sorted(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+
+class NeighborEmbedding(nn.Module):
+    """``s_i = W [e(z_i), sum_j C(r_ij) R(r_ij) * e'(z_j)]``: who the neighbours are, before any layer."""
+
+    def __init__(self, num_species: int, num_features: int, num_radial: int, factory: LayerFactory):
+        super().__init__()
+        self.embedding = nn.Embedding(num_species, num_features)
+        self.radial = nn.Linear(num_radial, num_features)  # K = num_radial: kept in float, like radial_embedding
+        self.combine_in = factory.observer("scalar", 2 * num_features)
+        self.combine = factory.scalar_linear(2 * num_features, num_features)
+
+    def forward(self, s: torch.Tensor, species: torch.Tensor, edge_index: torch.Tensor,
+                basis: torch.Tensor, envelope: torch.Tensor) -> torch.Tensor:
+        sender, receiver = edge_index
+        filt = self.radial(basis) * envelope[:, None]
+        neighbors = scatter_sum(filt * self.embedding(torch.index_select(species, 0, sender)), receiver, s.shape[0])
+        return self.combine(self.combine_in(torch.cat([s, neighbors], dim=-1)))
 
 
 class QEqModel(nn.Module):
@@ -75,8 +100,11 @@ class QEqModel(nn.Module):
         self.embedding = nn.Embedding(len(config.species), F)
         self.radial_basis = RadialBasis(config.cutoff, config.num_radial)
         self.radial_embedding = nn.Linear(config.num_radial, F)  # K = num_radial: kept in float
+        self.neighbor_embedding = (NeighborEmbedding(len(config.species), F, config.num_radial, factory)
+                                   if config.neighbor_embedding else None)
         self.layers = nn.ModuleList(
-            EquivariantAttention(F, config.num_heads, config.attention_normalization, config.temperature, factory)
+            EquivariantAttention(F, config.num_heads, config.attention_normalization, config.temperature, factory,
+                                 config.attention_activation)
             for _ in range(config.num_layers)
         )
         self.readout_norm = nn.LayerNorm(F)
@@ -114,9 +142,12 @@ class QEqModel(nn.Module):
         r = vec.norm(dim=-1)
         unit = vec / r[:, None]
         envelope = cosine_cutoff(r, self.config.cutoff)
-        edge_features = nn.functional.silu(self.radial_embedding(self.radial_basis(r)))
+        basis = self.radial_basis(r)
+        edge_features = nn.functional.silu(self.radial_embedding(basis))
 
         s = self.embedding(species)
+        if self.neighbor_embedding is not None:
+            s = self.neighbor_embedding(s, species, edge_index, basis, envelope)
         v = s.new_zeros(s.shape[0], 3, s.shape[1])
         for layer in self.layers:
             s, v = layer(s, v, edge_index, edge_features, envelope, unit)

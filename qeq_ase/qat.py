@@ -47,7 +47,7 @@ from .quantizers import (BRANCHES, LSQQuantizer, MDDQQuantizer, NaiveQuantizer, 
 # ffn_in -> ffn_hidden; QEqModel: readout_in -> readout_hidden. Update it when the model's
 # wiring changes (tests/test_quantizers.py checks that every pair is found).
 OBSERVER_FEEDS = (("scalar_in", "qkv"), ("vector_in", "vector_mix"), ("scalar_out", "out"),
-                  ("ffn_in", "ffn_hidden"), ("readout_in", "readout_hidden"))
+                  ("ffn_in", "ffn_hidden"), ("readout_in", "readout_hidden"), ("combine_in", "combine"))
 
 
 class QATScalarLinear(ScalarLinear):

@@ -6,6 +6,12 @@ exponential moving average (EMA) of the weights that is validated each epoch, th
 EMA weights kept as a potential file, a checkpoint every epoch that ``--resume`` picks up
 after an interruption, and a CSV log of the curves.
 
+Quantization-aware training (``quantization:`` in the config) fine-tunes a float potential
+(``init_from``) with fake-quantized layers (:mod:`qeq_ase.qat`): activation steps are set by
+a float calibration pass, then the scalar and the vector branch are switched on at their own
+epochs (branch-separated QAT: vectors after a warm-up). ``best.pt`` then holds the QAT
+weights (``precision: "qat"``), which ``qeq-export --int8`` turns into a real INT8 file.
+
 Files in ``output_dir``: ``last.pt`` (resumable state), ``best.pt`` (potential file, best
 validation EMA weights), ``log.csv``, ``config.yaml``.
 """
@@ -42,6 +48,7 @@ class TrainConfig:
     train_file: str
     output_dir: str = "runs/aspirin_fp32"
     n_val: int = 50
+    n_train: int | None = None                          # None: every frame not used for validation
     split_seed: int = 0
     seed: int = 0
     model: dict = field(default_factory=dict)          # ModelConfig fields; species from the data
@@ -57,6 +64,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     grad_clip: float = 10.0
     init_from: str | None = None                        # potential file to start from (fine-tuning)
+    quantization: dict | None = None                    # QAT options, see QuantizationConfig
     device: str = "cpu"
 
     @classmethod
@@ -67,6 +75,34 @@ class TrainConfig:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"{path}: unknown training option(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class QuantizationConfig:
+    """Quantization-aware training options (the ``quantization:`` mapping of a config).
+
+    Attributes:
+        scheme: ``"full"`` (per-channel weights, LSQ scalars, MDDQ vectors) or ``"naive"``
+            (per-tensor quantization of every tensor, vector components included).
+        scalar_start_epoch: epoch (0-based, counted in this run) at which the scalar branch is switched on.
+        vector_start_epoch: same for the vector branch (the warm-up of branch separation).
+        calibration_batches: float batches that set the activation steps before training.
+        weight_bits, activation_bits: bit widths.
+    """
+
+    scheme: str = "full"
+    scalar_start_epoch: int = 0
+    vector_start_epoch: int = 2
+    calibration_batches: int = 4
+    weight_bits: int = 8
+    activation_bits: int = 8
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantizationConfig":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown quantization option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         return cls(**data)
 
 
@@ -107,12 +143,21 @@ class Trainer:
 
         frames = load_rmd17(cfg.train_file)
         train_idx, val_idx = train_val_split(len(frames), cfg.n_val, cfg.split_seed)
+        if cfg.n_train is not None:
+            if not 0 < cfg.n_train <= len(train_idx):
+                raise ValueError(f"n_train={cfg.n_train} must lie in (0, {len(train_idx)}]")
+            train_idx = np.sort(np.random.default_rng(cfg.split_seed).permutation(train_idx)[:cfg.n_train])
         self.train, self.val = frames.subset(train_idx), frames.subset(val_idx)
         self.data_info = {"file": os.path.basename(frames.source), "sha256": frames.sha256,
                           "n_train": len(self.train), "n_val": len(self.val), "split_seed": cfg.split_seed}
 
+        self.quant = QuantizationConfig.from_dict(cfg.quantization) if cfg.quantization is not None else None
+        if self.quant and not cfg.init_from:
+            raise ValueError("quantization-aware training fine-tunes a float potential: set init_from")
         if cfg.init_from:
             self.model, _ = load_potential_file(cfg.init_from)
+            if self.quant:
+                self.model = self._to_qat(self.model)
         else:
             model_cfg = ModelConfig.from_dict({"species": sorted(set(frames.numbers.tolist())), **cfg.model})
             self.model = QEqModel(model_cfg)
@@ -125,6 +170,36 @@ class Trainer:
             self._load_checkpoint(self.out / "last.pt")
         with open(self.out / "config.yaml", "w") as f:
             yaml.safe_dump(asdict(cfg), f, sort_keys=False)
+
+    def _to_qat(self, float_model: QEqModel) -> QEqModel:
+        """The QAT twin of ``float_model`` with its activation steps calibrated on float batches."""
+        from .qat import calibration, convert_to_qat
+
+        q = self.quant
+        model = convert_to_qat(float_model, q.scheme, scalar=False, vector=False,
+                               weight_bits=q.weight_bits, activation_bits=q.activation_bits).to(self.device)
+        rng = np.random.default_rng(self.cfg.seed)
+        with calibration(model):
+            for _ in range(q.calibration_batches):
+                index = rng.choice(len(self.train), self.cfg.batch_size, replace=False)
+                graph, species, _, _ = self._batch(self.train, index, model)
+                model.energy_and_forces(graph.positions, species, graph.edge_index, graph.batch, graph.num_graphs)
+        return model
+
+    def _apply_quantization_schedule(self) -> None:
+        """Branch-separated schedule: switch each branch on from its start epoch (model and EMA copy)."""
+        if not self.quant:
+            return
+        from .qat import set_quantization
+
+        for model in (self.model, self.ema.model):
+            set_quantization(model, scalar=self.epoch >= self.quant.scalar_start_epoch,
+                             vector=self.epoch >= self.quant.vector_start_epoch)
+
+    def _fully_quantized(self) -> bool:
+        """Whether the epoch just trained had every branch on (always true without QAT):
+        a partly quantized epoch must not be picked as the best QAT model."""
+        return not self.quant or self.epoch > max(self.quant.scalar_start_epoch, self.quant.vector_start_epoch)
 
     def _set_energy_statistics(self, frames: Frames) -> None:
         ref = fit_reference_energies([frames.numbers] * len(frames), frames.energy, self.model.config.species)
@@ -166,11 +241,12 @@ class Trainer:
             p = max(p, self.elapsed_s / (60.0 * self.cfg.time_budget_min))
         return p
 
-    def _batch(self, frames: Frames, index: np.ndarray):
+    def _batch(self, frames: Frames, index: np.ndarray, model: QEqModel | None = None):
+        model = model or self.model
         graph = molecules_to_graph([frames.numbers] * len(index), list(frames.positions[index]),
-                                   self.model.config.cutoff, torch.float32, self.device)
-        species = self.model.species_index(graph.numbers)
-        ref = self.model.reference_energy[species]
+                                   model.config.cutoff, torch.float32, self.device)
+        species = model.species_index(graph.numbers)
+        ref = model.reference_energy[species]
         target_e = torch.as_tensor(frames.energy[index], device=self.device)
         target_e = (target_e - torch.zeros_like(target_e).index_add_(0, graph.batch, ref)).float()
         target_f = torch.as_tensor(frames.forces[index].reshape(-1, 3), dtype=torch.float32, device=self.device)
@@ -178,6 +254,7 @@ class Trainer:
 
     def train_epoch(self) -> float:
         cfg, model = self.cfg, self.model
+        self._apply_quantization_schedule()
         model.train()
         order = self.rng.permutation(len(self.train))
         batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
@@ -223,7 +300,7 @@ class Trainer:
                               f"{e_mae:.3f}", f"{f_mae:.3f}"])
                 f.flush()
                 score = f_mae + e_mae  # meV/Å + meV: both errors matter for MD
-                if score < self.best:
+                if score < self.best and self._fully_quantized():
                     self.best = score
                     self._save_best(errors)
                 self._save_checkpoint()
@@ -231,11 +308,16 @@ class Trainer:
                       f"val E {e_mae:.2f} meV  F {f_mae:.2f} meV/Å", file=sys.stderr, flush=True)
 
     def _save_best(self, val_errors: dict) -> None:
-        save_potential(self.out / "best.pt", self.ema.model, {
+        metadata = {
             "training_data": self.data_info, "validation_errors": val_errors,
             "epochs": self.epoch, "training_minutes": round(self.elapsed_s / 60, 1),
             "training_config": asdict(self.cfg), "num_parameters": self.model.num_parameters(),
-        })
+        }
+        if self.quant:
+            from .qat import quantization_state
+
+            metadata["quantization"] = {**asdict(self.quant), "state": quantization_state(self.ema.model)}
+        save_potential(self.out / "best.pt", self.ema.model, metadata, precision="qat" if self.quant else "fp32")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,8 @@ def build_tiny_model(seed: int = 0) -> QEqModel:
     """A small random float32 model for H, C, O (no global RNG state is consumed)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        config = ModelConfig(species=[1, 6, 8], num_features=16, num_layers=2, num_heads=2, num_radial=8)
+        config = ModelConfig(species=[1, 6, 8], num_features=16, num_layers=2, num_heads=2, num_radial=8,
+                             neighbor_embedding=True)  # the architecture of the shipped potentials
         model = QEqModel(config)
     model.reference_energy = torch.tensor(TINY_REFERENCE_ENERGY_EV, dtype=torch.float64)
     return model.eval()
@@ -53,3 +54,17 @@ def aspirin_frames(rmd17_dir):
 def aspirin(aspirin_frames) -> Atoms:
     """A fresh ASE Atoms of aspirin (frame 0), non-periodic."""
     return Atoms(numbers=aspirin_frames.numbers, positions=aspirin_frames.positions[0])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_data_cache(tmp_path_factory):
+    """Tests write their HDF5 data caches to a temporary folder, not to ~/.cache."""
+    import os
+
+    previous = os.environ.get("QEQ_CACHE_DIR")
+    os.environ["QEQ_CACHE_DIR"] = str(tmp_path_factory.mktemp("qeq_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("QEQ_CACHE_DIR", None)
+    else:
+        os.environ["QEQ_CACHE_DIR"] = previous

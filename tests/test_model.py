@@ -7,7 +7,7 @@ import pytest
 import torch
 from e3nn import o3
 
-from qeq_ase.checkpoint import PotentialFileError, load_potential_file, save_potential
+from qeq_ase.checkpoint import PotentialFileError, load_potential_file, save_potential, unpack_state_dict
 from qeq_ase.dataset import load_rmd17
 from qeq_ase.graph import molecules_to_graph
 from qeq_ase.model import ModelConfig, QEqModel
@@ -41,9 +41,17 @@ def predict(model, numbers, positions):
     return out["energy"].item(), out["forces"].detach().numpy()
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_rotation_equivariance_float64(aspirin, normalize):
-    model = tiny_model(attention_normalization=normalize)
+VARIANTS = {
+    "cosine-softmax": {},
+    "dot-softmax": {"attention_normalization": False},
+    "cosine-silu+neighbour-embedding": {"attention_activation": "silu", "neighbor_embedding": True},
+    "dot-silu": {"attention_normalization": False, "attention_activation": "silu"},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rotation_equivariance_float64(aspirin, variant):
+    model = tiny_model(**VARIANTS[variant])
     numbers, frames = aspirin
     torch.manual_seed(1)
     for positions in frames:
@@ -55,8 +63,9 @@ def test_rotation_equivariance_float64(aspirin, normalize):
             np.testing.assert_allclose(forces_r, forces @ rotation.T, atol=1e-10)
 
 
-def test_translation_and_permutation_invariance(aspirin):
-    model = tiny_model()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_translation_and_permutation_invariance(aspirin, variant):
+    model = tiny_model(**VARIANTS[variant])
     numbers, frames = aspirin
     energy, forces = predict(model, numbers, frames[0])
     energy_t, forces_t = predict(model, numbers, frames[0] + np.array([3.0, -7.5, 11.0]))
@@ -68,8 +77,9 @@ def test_translation_and_permutation_invariance(aspirin):
     np.testing.assert_allclose(forces_p, forces[perm], atol=1e-10)
 
 
-def test_forces_are_minus_energy_gradient(aspirin):
-    model = tiny_model()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forces_are_minus_energy_gradient(aspirin, variant):
+    model = tiny_model(**VARIANTS[variant])
     numbers, frames = aspirin
     positions = frames[0]
     _, forces = predict(model, numbers, positions)
@@ -82,9 +92,10 @@ def test_forces_are_minus_energy_gradient(aspirin):
         assert forces[atom, axis] == pytest.approx(numeric, abs=1e-6)
 
 
-def test_energy_and_forces_are_smooth_at_the_cutoff():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_energy_and_forces_are_smooth_at_the_cutoff(variant):
     """A pair moved through the cutoff: energy and force approach their far-apart values continuously."""
-    model = tiny_model()
+    model = tiny_model(**VARIANTS[variant])
     numbers = np.array([6, 8])
     cutoff = model.config.cutoff
     far_energy, _ = predict(model, numbers, np.array([[0.0, 0, 0], [cutoff + 1.0, 0, 0]]))
@@ -123,7 +134,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, aspirin):
     model = tiny_model(dtype=torch.float32)
     path = save_potential(tmp_path / "tiny.pt", model, {"note": "test"})
     payload = torch.load(path, weights_only=True)  # safe loading works on the raw file
-    assert payload["format_version"] == 1 and payload["metadata"]["species"] == [1, 6, 8]
+    assert payload["format_version"] == 2 and payload["metadata"]["species"] == [1, 6, 8]
     loaded, metadata = load_potential_file(path)
     assert metadata["note"] == "test" and metadata["units"]["energy"] == "eV"
     numbers, frames = aspirin
@@ -148,3 +159,20 @@ def test_bad_potential_files_give_clear_errors(tmp_path):
     torch.save(payload, tmp_path / "mismatch.pt")
     with pytest.raises(PotentialFileError, match="does not match"):
         load_potential_file(tmp_path / "mismatch.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["tensors"]["data"]["float32"] = payload["tensors"]["data"]["float32"][:-10]  # truncated weights
+    torch.save(payload, tmp_path / "truncated.pt")
+    with pytest.raises(PotentialFileError, match="corrupt weights.*runs past"):
+        load_potential_file(tmp_path / "truncated.pt")
+
+
+def test_format_version_1_files_still_load(tmp_path, aspirin):
+    """Version 1 stored the plain state dict; potentials written by earlier qeq-ase must keep working."""
+    model = tiny_model(dtype=torch.float32)
+    payload = torch.load(save_potential(tmp_path / "v2.pt", model, {}), weights_only=True)
+    payload["format_version"] = 1
+    payload["state_dict"] = unpack_state_dict(payload.pop("tensors"))
+    torch.save(payload, tmp_path / "v1.pt")
+    loaded, _ = load_potential_file(tmp_path / "v1.pt")
+    numbers, frames = aspirin
+    assert predict(loaded, numbers, frames[0])[0] == predict(model, numbers, frames[0])[0]

@@ -9,7 +9,7 @@ from e3nn import o3
 
 from qeq_ase.graph import molecules_to_graph
 from qeq_ase.model import ModelConfig, QEqModel
-from qeq_ase.qat import (OBSERVER_FEEDS, QATScalarLinear, QATVectorLinear, calibration, convert_to_qat,
+from qeq_ase.qat import (QATScalarLinear, QATVectorLinear, calibration, convert_to_qat,
                          quantization_state, quantizer_parameters, set_quantization)
 from qeq_ase.quantizers import (LSQQuantizer, MDDQQuantizer, NaiveQuantizer, fake_quantize_per_atom,
                                 fake_quantize_weight, per_atom_scale, quantize_weight)
@@ -204,7 +204,8 @@ def test_per_atom_requantization_scale_is_rotation_invariant():
 
 def tiny_float_model(dtype=torch.float64) -> QEqModel:
     torch.manual_seed(0)
-    config = ModelConfig(species=[1, 6, 8], num_features=16, num_layers=2, num_heads=2, num_radial=8)
+    config = ModelConfig(species=[1, 6, 8], num_features=16, num_layers=2, num_heads=2, num_radial=8,
+                         neighbor_embedding=True)
     return QEqModel(config).to(dtype).eval()
 
 
@@ -230,7 +231,8 @@ def test_qat_model_loads_float_weights_and_reproduces_float_model_when_off(schem
     assert torch.equal(ref["energy"], out["energy"]) and torch.equal(ref["forces"], out["forces"])
     # every observer that feeds a linear quantizes its input (no double quantization)
     linked = [m for m in qat.modules() if isinstance(m, (QATScalarLinear, QATVectorLinear)) and m.input_observer]
-    assert len(linked) == (len(OBSERVER_FEEDS) - 1) * model.config.num_layers + 1
+    # per layer: qkv, vector_mix, out, ffn_hidden; once: readout_hidden and the neighbour embedding's combine
+    assert len(linked) == 4 * model.config.num_layers + 2
     assert all(m.input_quantizer is None for m in linked)
 
 

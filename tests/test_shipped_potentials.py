@@ -23,7 +23,7 @@ def test_aspirin_fp32_is_shipped_with_complete_metadata():
     row = next(r for r in list_potentials() if r["name"] == "aspirin_fp32")
     assert row["precision"] == "fp32" and row["cutoff"] == 5.0 and row["species"] == [1, 6, 8]
     payload = torch.load(row["path"], weights_only=True)
-    assert payload["format_version"] == 1
+    assert payload["format_version"] == 2
     for key in REQUIRED_METADATA:
         assert key in payload["metadata"], key
     data = payload["metadata"]["training_data"]
