@@ -33,6 +33,7 @@ and teach :func:`load_potential_file` to read the old layout.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -117,6 +118,10 @@ def save_potential(path: str | os.PathLike, model: QEqModel, metadata: dict, pre
     meta.update(metadata)
     if precision == "int8":
         meta["quantization"] = _int8_quantization(model, metadata.get("quantization"))
+    try:  # plain JSON types only: str subclasses such as torch.__version__ would not load with weights_only
+        meta = json.loads(json.dumps(meta))
+    except TypeError as err:
+        raise ValueError(f"potential metadata must hold JSON types only ({err})") from err
         state_dict = state_dict if state_dict is not None else int8_state_dict(model)
     payload = {
         "format": FORMAT_NAME,

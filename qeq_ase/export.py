@@ -55,7 +55,7 @@ def export_potential(checkpoint: str, test_file: str, output: str, name: str | N
         "test_errors": errors,
         "num_parameters": model.num_parameters(),
         "exported": {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-                     "torch": torch.__version__, "machine": platform.processor() or platform.machine()},
+                     "torch": str(torch.__version__), "machine": platform.processor() or platform.machine()},
     })
     if precision == "fp32":
         metadata["quantization"] = {"scheme": "none", "weights": "float32"}

@@ -132,7 +132,8 @@ def test_unknown_element_is_named():
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path, aspirin):
     model = tiny_model(dtype=torch.float32)
-    path = save_potential(tmp_path / "tiny.pt", model, {"note": "test"})
+    # torch.__version__ is a str subclass that weights_only loading refuses: saved as plain str
+    path = save_potential(tmp_path / "tiny.pt", model, {"note": "test", "torch": torch.__version__})
     payload = torch.load(path, weights_only=True)  # safe loading works on the raw file
     assert payload["format_version"] == 2 and payload["metadata"]["species"] == [1, 6, 8]
     loaded, metadata = load_potential_file(path)

@@ -88,6 +88,22 @@ def test_qat_fine_tune_switches_branches_on_separately(tmp_path, rmd17_dir):
     assert payload["metadata"]["quantization"]["state"] == {"scalar": True, "vector": True}
     assert payload["metadata"]["epochs"] >= 2  # an epoch with both branches on
 
+    # qeq-export --int8: the real int8 model, evaluated and written with the QAT metadata
+    from qeq_ase.export import export_potential
+    from qeq_ase.int8_model import int8_kernel_report
+    from qeq_ase.registry import load_model
+
+    out = tmp_path / "tiny_int8.pt"
+    metadata = export_potential(f"{qat_cfg.output_dir}/best.pt", str(rmd17_dir / "rmd17_ethanol_test_01.npz"),
+                                str(out), int8=True)
+    exported = read_potential_file(out)
+    assert exported["precision"] == "int8" and exported["metadata"]["quantization"]["scheme"] == "full"
+    assert metadata["test_errors"]["n_frames"] == 1000 and metadata["quantization"]["vector_start_epoch"] == 1
+    assert int8_kernel_report(load_model(out)[0])["int8_gemm_layers"] > 0
+    with pytest.raises(ValueError, match="--int8 needs a quantization-aware"):
+        export_potential(f"{tmp_path}/float/best.pt", str(rmd17_dir / "rmd17_ethanol_test_01.npz"),
+                         str(tmp_path / "x.pt"), int8=True)
+
 
 def test_qat_requires_a_float_starting_point(tmp_path, rmd17_dir):
     with pytest.raises(ValueError, match="init_from"):

@@ -1,0 +1,108 @@
+"""Energy + forces through the ASE calculator: fp32, bf16 autocast and INT8 of one model.
+
+    PYTHONPATH=. python benchmarks/inference_speed.py [--fp32 aspirin_fp32] [--int8 aspirin_int8]
+        [--threads 1 2] [--systems 1 64 476] [--seconds 3]
+
+Systems are copies of rMD17 aspirin frame 0 on a cubic grid 20 Å apart (far beyond the 5 Å
+cutoff, so every copy is an isolated molecule): 1 copy = 21 atoms, 64 = 1,344, 476 = 9,996.
+Each call moves the atoms by a tiny random displacement, so the calculator recomputes
+(neighbour list included) as it would in MD. The three precisions are timed interleaved,
+round by round, and the median per call is reported; ratios are fp32 time / other time,
+so > 1 means faster than fp32. A torch.profiler pass per system and precision gives the
+share of self CPU time spent in matrix products (``aten::mm``/``addmm``/``bmm``/
+``linear``/``_int_mm`` and the INT8 layers' own ops) — the part int8 can speed up.
+
+fp32 and INT8 load the shipped files: the same architecture, the INT8 weights being the
+quantization-aware fine-tune of the fp32 ones. bf16 is the fp32 model under
+``torch.autocast("cpu", dtype=torch.bfloat16)``. Run it on an idle machine; this script
+sets torch's thread count (a benchmark may; the library never does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from qeq_ase.calculator import QEqCalculator
+from qeq_ase.dataset import load_rmd17
+
+RMD17 = Path(__file__).resolve().parents[2] / "shared" / "rmd17" / "rmd17_aspirin_test_01.npz"
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::_int_mm", "aten::matmul")
+
+
+def copies_of_aspirin(n_copies: int, spacing: float = 20.0) -> Atoms:
+    frames = load_rmd17(RMD17)
+    side = int(np.ceil(n_copies ** (1 / 3)))
+    grid = np.stack(np.meshgrid(*[np.arange(side)] * 3, indexing="ij"), -1).reshape(-1, 3)[:n_copies] * spacing
+    positions = (frames.positions[0][None] + grid[:, None]).reshape(-1, 3)
+    return Atoms(numbers=np.tile(frames.numbers, n_copies), positions=positions)
+
+
+def one_call(calc: QEqCalculator, atoms: Atoms, rng: np.random.Generator, autocast: bool):
+    atoms.positions += rng.normal(scale=1e-4, size=atoms.positions.shape)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
+    with context:
+        calc.calculate(atoms, ["energy", "forces"])
+    return calc.results["forces"]
+
+
+def gemm_share(calc: QEqCalculator, atoms: Atoms, autocast: bool) -> float:
+    rng = np.random.default_rng(0)
+    one_call(calc, atoms, rng, autocast)
+    with torch.profiler.profile() as prof:
+        for _ in range(3):
+            one_call(calc, atoms, rng, autocast)
+    total = gemm = 0.0
+    for event in prof.key_averages():
+        total += event.self_cpu_time_total
+        if event.key in GEMM_OPS or "int8_linear" in event.key or "qeq_int8" in event.key:
+            gemm += event.self_cpu_time_total
+    return gemm / total if total else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fp32", default="aspirin_fp32")
+    parser.add_argument("--int8", default="aspirin_int8")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--systems", type=int, nargs="+", default=[1, 64, 476], help="numbers of aspirin copies")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per system, precision and thread count")
+    args = parser.parse_args()
+
+    calcs = {"fp32": (QEqCalculator(args.fp32), False), "bf16": (QEqCalculator(args.fp32), True),
+             "int8": (QEqCalculator(args.int8), False)}
+    print(f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    print("| atoms | threads | fp32 (ms) | bf16 (ms) | int8 (ms) | bf16 speed-up | int8 speed-up "
+          "| GEMM share fp32 | GEMM share int8 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n_copies in args.systems:
+        atoms = copies_of_aspirin(n_copies)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            rng = np.random.default_rng(1)
+            for calc, autocast in calcs.values():  # warm-up: kernels built, caches filled
+                one_call(calc, atoms, rng, autocast)
+            times = {name: [] for name in calcs}
+            start = time.perf_counter()
+            while time.perf_counter() - start < args.seconds * len(calcs) or len(times["fp32"]) < 3:
+                for name, (calc, autocast) in calcs.items():
+                    t0 = time.perf_counter()
+                    one_call(calc, atoms, rng, autocast)
+                    times[name].append(time.perf_counter() - t0)
+            median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+            share = {name: gemm_share(*calcs[name][:1], atoms, calcs[name][1]) for name in ("fp32", "int8")}
+            print(f"| {len(atoms)} | {threads} | {median['fp32']:.2f} | {median['bf16']:.2f} | {median['int8']:.2f} "
+                  f"| {median['fp32'] / median['bf16']:.2f} | {median['fp32'] / median['int8']:.2f} "
+                  f"| {share['fp32']:.0%} | {share['int8']:.0%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
