@@ -80,6 +80,7 @@ class TrajectoryWriter:
     @classmethod
     def create(cls, path: str | os.PathLike, numbers: np.ndarray, masses: np.ndarray, cell: np.ndarray,
                pbc: np.ndarray, settings: dict, flush_every: int) -> "TrajectoryWriter":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         h5 = h5py.File(path, "w")
         h5.attrs["format"] = FORMAT_NAME
         h5.attrs["format_version"] = FORMAT_VERSION

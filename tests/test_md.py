@@ -28,15 +28,16 @@ def run(path, potential, rmd17_dir, **kwargs):
 
 
 def test_trajectory_layout_and_units(tmp_path, tiny_potential_path, rmd17_dir):
-    summary = run(tmp_path / "md.h5", tiny_potential_path, rmd17_dir, write_every=2)
+    path = tmp_path / "runs" / "md.h5"  # a folder that does not exist yet is created
+    summary = run(path, tiny_potential_path, rmd17_dir, write_every=2)
     assert summary.final_step == 12 and summary.n_frames == 7
-    with h5py.File(tmp_path / "md.h5", "r") as h5:
+    with h5py.File(path, "r") as h5:
         for name, (_, _, unit) in FRAME_FIELDS.items():
             assert h5[name].attrs["unit"] == unit and h5[name].maxshape[0] is None
         assert h5.attrs["ensemble"] == "langevin" and h5.attrs["timestep_fs"] == 0.5
         assert h5.attrs["temperature_K"] == 300.0 and h5.attrs["seed"] == 3
         assert h5["numbers"].shape == (21,) and h5["cell"].shape == (3, 3)
-    data = read_trajectory(tmp_path / "md.h5")
+    data = read_trajectory(path)
     np.testing.assert_array_equal(data["step"], np.arange(0, 13, 2))
     np.testing.assert_allclose(data["time"], data["step"] * 0.5)
     np.testing.assert_allclose(data["total_energy"], data["potential_energy"] + data["kinetic_energy"])
