@@ -38,6 +38,14 @@ RMD17 = Path(__file__).resolve().parents[2] / "shared" / "rmd17" / "rmd17_aspiri
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::_int_mm", "aten::matmul")
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def copies_of_aspirin(n_copies: int, spacing: float = 20.0) -> Atoms:
     frames = load_rmd17(RMD17)
     side = int(np.ceil(n_copies ** (1 / 3)))
@@ -79,7 +87,7 @@ def main() -> None:
 
     calcs = {"fp32": (QEqCalculator(args.fp32), False), "bf16": (QEqCalculator(args.fp32), True),
              "int8": (QEqCalculator(args.int8), False)}
-    print(f"CPU {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    print(f"CPU {cpu_name()}, torch {torch.__version__}")
     print("| atoms | threads | fp32 (ms) | bf16 (ms) | int8 (ms) | bf16 speed-up | int8 speed-up "
           "| GEMM share fp32 | GEMM share int8 |")
     print("|---|---|---|---|---|---|---|---|---|")
