@@ -62,7 +62,8 @@ class EquivariantAttention(nn.Module):
     """
 
     def __init__(self, num_features: int, num_heads: int, normalize: bool = True,
-                 temperature: float = 0.2, factory: LayerFactory | None = None, activation: str = "softmax"):
+                 temperature: float = 0.2, factory: LayerFactory | None = None, activation: str = "softmax",
+                 feed_forward: bool = True):
         super().__init__()
         if num_features % num_heads:
             raise ValueError(f"num_features={num_features} is not divisible by num_heads={num_heads}")
@@ -81,10 +82,12 @@ class EquivariantAttention(nn.Module):
         self.scalar_out = factory.observer("scalar", F)
         self.out = factory.scalar_linear(F, 3 * F)
         # transformer-style node-wise feed-forward block on the scalar channel
-        self.ffn_norm = nn.LayerNorm(F)
-        self.ffn_in = factory.observer("scalar", F)
-        self.ffn_hidden = factory.scalar_linear(F, 2 * F)
-        self.ffn_out = factory.scalar_linear(2 * F, F)
+        self.feed_forward = feed_forward
+        if feed_forward:
+            self.ffn_norm = nn.LayerNorm(F)
+            self.ffn_in = factory.observer("scalar", F)
+            self.ffn_hidden = factory.scalar_linear(F, 2 * F)
+            self.ffn_out = factory.scalar_linear(2 * F, F)
         # log(1/temperature) per head; only used with normalize=True
         self.log_inv_temperature = nn.Parameter(torch.full((num_heads,), math.log(1.0 / temperature)))
 
@@ -126,5 +129,6 @@ class EquivariantAttention(nn.Module):
         ds = (v1 * v2).sum(dim=1) * o2 + o3
         dv = v3 * o1[:, None, :] + agg_v
         s = s + ds
-        s = s + self.ffn_out(nn.functional.silu(self.ffn_hidden(self.ffn_in(self.ffn_norm(s)))))
+        if self.feed_forward:
+            s = s + self.ffn_out(nn.functional.silu(self.ffn_hidden(self.ffn_in(self.ffn_norm(s)))))
         return s, v + dv

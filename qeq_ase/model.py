@@ -49,6 +49,7 @@ class ModelConfig:
     temperature: float = 0.2
     attention_activation: str = "softmax"
     neighbor_embedding: bool = False
+    feed_forward: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,7 +105,7 @@ class QEqModel(nn.Module):
                                    if config.neighbor_embedding else None)
         self.layers = nn.ModuleList(
             EquivariantAttention(F, config.num_heads, config.attention_normalization, config.temperature, factory,
-                                 config.attention_activation)
+                                 config.attention_activation, config.feed_forward)
             for _ in range(config.num_layers)
         )
         self.readout_norm = nn.LayerNorm(F)

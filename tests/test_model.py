@@ -46,6 +46,7 @@ VARIANTS = {
     "dot-softmax": {"attention_normalization": False},
     "cosine-silu+neighbour-embedding": {"attention_activation": "silu", "neighbor_embedding": True},
     "dot-silu": {"attention_normalization": False, "attention_activation": "silu"},
+    "no-feed-forward": {"feed_forward": False, "neighbor_embedding": True},
 }
 
 
