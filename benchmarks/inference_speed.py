@@ -1,5 +1,8 @@
 """Energy + forces through the ASE calculator: fp32, bf16 autocast and INT8 of one model.
 
+INT8 runs twice: with two-limb inputs (``activation_limbs=2``, the shipped setting, smooth
+energy) and as W8A8 (``activation_limbs=1``, one int8 code per input).
+
     PYTHONPATH=. python benchmarks/inference_speed.py [--fp32 aspirin_fp32] [--int8 aspirin_int8]
         [--threads 1 2] [--systems 1 64 476] [--seconds 3]
 
@@ -86,11 +89,13 @@ def main() -> None:
     args = parser.parse_args()
 
     calcs = {"fp32": (QEqCalculator(args.fp32), False), "bf16": (QEqCalculator(args.fp32), True),
-             "int8": (QEqCalculator(args.int8), False)}
+             "int8": (QEqCalculator(args.int8, activation_limbs=2), False),
+             "int8 W8A8": (QEqCalculator(args.int8, activation_limbs=1), False)}
+    others = [name for name in calcs if name != "fp32"]
     print(f"CPU {cpu_name()}, torch {torch.__version__}")
-    print("| atoms | threads | fp32 (ms) | bf16 (ms) | int8 (ms) | bf16 speed-up | int8 speed-up "
-          "| GEMM share fp32 | GEMM share int8 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| atoms | threads | " + " | ".join(f"{name} (ms)" for name in calcs) + " | "
+          + " | ".join(f"{name} speed-up" for name in others) + " | GEMM share fp32 | GEMM share int8 |")
+    print("|---" * (2 + len(calcs) + len(others) + 2) + "|")
     for n_copies in args.systems:
         atoms = copies_of_aspirin(n_copies)
         for threads in args.threads:
@@ -107,9 +112,9 @@ def main() -> None:
                     times[name].append(time.perf_counter() - t0)
             median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
             share = {name: gemm_share(*calcs[name][:1], atoms, calcs[name][1]) for name in ("fp32", "int8")}
-            print(f"| {len(atoms)} | {threads} | {median['fp32']:.2f} | {median['bf16']:.2f} | {median['int8']:.2f} "
-                  f"| {median['fp32'] / median['bf16']:.2f} | {median['fp32'] / median['int8']:.2f} "
-                  f"| {share['fp32']:.0%} | {share['int8']:.0%} |", flush=True)
+            print(f"| {len(atoms)} | {threads} | " + " | ".join(f"{median[name]:.2f}" for name in calcs) + " | "
+                  + " | ".join(f"{median['fp32'] / median[name]:.2f}" for name in others)
+                  + f" | {share['fp32']:.0%} | {share['int8']:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

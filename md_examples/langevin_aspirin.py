@@ -5,11 +5,11 @@ and runs ``--steps`` steps of ASE's Langevin integrator (0.5 fs, friction 0.01/f
 :func:`qeq_ase.md.run_md`. Run from the repository root (the rMD17 files are expected in
 ``../shared/rmd17``, or set ``--data-dir`` / ``$QEQ_RMD17_DIR``)::
 
-    python md_examples/langevin_aspirin.py                      # aspirin_fp32, 2000 steps (1 ps)
-    python md_examples/langevin_aspirin.py --model aspirin_int8 --steps 20000 --trajectory aspirin_int8.h5
+    python md_examples/langevin_aspirin.py                      # aspirin_int8, 2000 steps (1 ps)
+    python md_examples/langevin_aspirin.py --model aspirin_fp32 --steps 20000 --trajectory aspirin_fp32.h5
     qeq-md convert aspirin_md.h5 aspirin_md.extxyz              # view with: ase gui aspirin_md.extxyz
 
-The same run from the shell: ``qeq-md rmd17:aspirin:0 --model aspirin_fp32 --steps 2000``.
+The same run from the shell: ``qeq-md rmd17:aspirin:0 --model aspirin_int8 --steps 2000``.
 Interrupted runs continue with ``--resume``.
 """
 
@@ -22,7 +22,7 @@ from qeq_ase.md import run_md
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="aspirin_fp32", help="shipped potential name or path")
+    parser.add_argument("--model", default="aspirin_int8", help="shipped potential name or path")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--temperature-K", type=float, default=300.0)
     parser.add_argument("--timestep-fs", type=float, default=0.5)

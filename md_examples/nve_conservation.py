@@ -5,8 +5,8 @@ For each model: 100 fs of Langevin warm-up at 300 K from rMD17 aspirin frame 0, 
 Prints the drift (meV/atom/ps), |E_end - E_start| / std(E_kin) and std(E_total), and
 plots total, potential and kinetic energy of all models into one PNG::
 
-    python md_examples/nve_conservation.py                                  # aspirin_fp32, 1 ps
-    python md_examples/nve_conservation.py --models aspirin_fp32 aspirin_int8 --time-ps 50 --plot nve.png
+    python md_examples/nve_conservation.py                                  # aspirin_fp32 and aspirin_int8, 1 ps
+    python md_examples/nve_conservation.py --models aspirin_int8 --time-ps 50 --plot nve_int8.png
 
 Same seed for every model, so all start from the same thermalised velocities draw.
 """
@@ -20,7 +20,7 @@ from qeq_ase.conservation import check_energy_conservation, plot_energies
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", "--model", nargs="+", default=["aspirin_fp32"],
+    parser.add_argument("--models", "--model", nargs="+", default=["aspirin_fp32", "aspirin_int8"],
                         help="shipped potential names or paths")
     parser.add_argument("--time-ps", type=float, default=1.0)
     parser.add_argument("--timestep-fs", type=float, default=0.5)

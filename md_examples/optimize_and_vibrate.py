@@ -5,11 +5,12 @@ For each model: BFGS from rMD17 aspirin frame 0 to ``--fmax`` (eV/Å), then
 final energy, the number of imaginary modes beyond the six near-zero rigid-body modes,
 the highest frequencies (cm^-1) and the zero-point energy, side by side for all models::
 
-    python md_examples/optimize_and_vibrate.py                        # aspirin_fp32
-    python md_examples/optimize_and_vibrate.py --models aspirin_fp32 aspirin_int8
+    python md_examples/optimize_and_vibrate.py                        # aspirin_fp32 and aspirin_int8
+    python md_examples/optimize_and_vibrate.py --models aspirin_fp32 --dtype float32
 
-Finite differences of forces need precise forces, so the model runs in float64 by default
-(``--dtype float32`` to see what the MD precision gives).
+Finite differences of forces need precise forces, so float potentials run in float64 by
+default (``--dtype float32`` to see what the MD precision gives); INT8 potentials compute
+in float32 around their integer kernels, whatever ``--dtype`` says.
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ from ase.optimize import BFGS
 from ase.vibrations import Vibrations
 
 from qeq_ase.calculator import QEqCalculator
+from qeq_ase.int8_model import is_int8_model
 from qeq_ase.md import load_start_structure
 
 
 def optimize_and_vibrate(model: str, fmax: float, dtype: str, data_dir=None, max_steps: int = 1000) -> dict:
     atoms = load_start_structure("rmd17:aspirin:0", data_dir)
-    atoms.calc = QEqCalculator(model, dtype=dtype)
+    calc = QEqCalculator(model)
+    if not is_int8_model(calc.model):
+        calc = QEqCalculator(model, dtype=dtype)
+    atoms.calc = calc
     optimizer = BFGS(atoms, logfile=None)
     converged = optimizer.run(fmax=fmax, steps=max_steps)
     with tempfile.TemporaryDirectory() as cache:  # Vibrations caches displaced forces on disk
@@ -47,10 +52,11 @@ def optimize_and_vibrate(model: str, fmax: float, dtype: str, data_dir=None, max
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", "--model", nargs="+", default=["aspirin_fp32"],
+    parser.add_argument("--models", "--model", nargs="+", default=["aspirin_fp32", "aspirin_int8"],
                         help="shipped potential names or paths")
     parser.add_argument("--fmax", type=float, default=0.01, help="BFGS force criterion (eV/Å)")
-    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"],
+                        help="float potentials only; INT8 potentials compute in float32")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args(argv)
     for model in args.models:

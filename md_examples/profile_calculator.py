@@ -7,6 +7,7 @@ difference is the calculator's per-call overhead (ASE bookkeeping, tensor conver
 neighbour list).
 
     OMP_NUM_THREADS=1 python md_examples/profile_calculator.py --model aspirin_fp32 --threads 1
+    python md_examples/profile_calculator.py --model aspirin_int8 --threads 1 --profile   # where the time goes
     python md_examples/profile_calculator.py --model random   # untrained model, architecture of aspirin_fp32
 
 ``--model random`` builds ``QEqModel(ModelConfig())`` (128 features, 4 layers, 8 heads:
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: leave as is)")
     parser.add_argument("--data-dir", default=default_dir)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where a calculator call spends its time (torch.profiler, by op group)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,6 +91,34 @@ def main() -> None:
     print(f"model {args.model} ({args.dtype}, {args.device}, {torch.get_num_threads()} thread(s)), "
           f"{len(atoms)} atoms: calculator {calls_per_s:.1f} calls/s ({1e3 / calls_per_s:.2f} ms/call); "
           f"model alone {model_calls_per_s:.1f} calls/s ({1e3 / model_calls_per_s:.2f} ms/call)")
+    if args.profile:
+        print_profile(calculator_call, min(args.calls, 50))
+
+
+#: torch op name fragments -> group, first match wins
+OP_GROUPS = (("GEMM", ("mm", "linear", "int8_linear", "qeq_int8")),
+             ("gather/scatter", ("index", "scatter", "gather", "embedding")),
+             ("neighbour list", ("cdist", "nonzero", "radius", "topk", "sort")))
+
+
+def print_profile(call, calls: int) -> None:
+    """Self CPU time per op group over ``calls`` calls; the rest of the wall time is Python and ASE."""
+    t0 = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            call()
+    wall_us = (time.perf_counter() - t0) * 1e6
+    groups: dict[str, float] = {}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        group = next((g for g, keys in OP_GROUPS if any(k in name for k in keys)), "element-wise and other torch ops")
+        groups[group] = groups.get(group, 0.0) + event.self_cpu_time_total
+    torch_us = sum(groups.values())
+    groups["outside torch ops (Python, ASE, autograd engine)"] = max(wall_us - torch_us, 0.0)
+    print(f"where a calculator call's time goes ({calls} calls under the profiler, {wall_us / calls / 1e3:.2f} ms/call):")
+    for group, us in sorted(groups.items(), key=lambda item: -item[1]):
+        print(f"  {group:50s} {us / calls / 1e3:7.2f} ms  {us / wall_us:6.1%}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 if __name__ == "__main__":
     main()

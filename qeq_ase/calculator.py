@@ -34,6 +34,7 @@ import torch
 from ase.calculators.calculator import Calculator, all_changes
 from ase.data import chemical_symbols
 
+from .int8_model import is_int8_model, set_activation_limbs
 from .model import QEqModel
 from .neighbors import molecule_edges, periodic_edges
 
@@ -96,6 +97,10 @@ class QEqCalculator(Calculator):
         device: torch device of the model, e.g. ``"cpu"`` or ``"cuda"``.
         dtype: ``"float32"`` (default for files) or ``"float64"`` (not for INT8 files); for
             a built model, None (its own dtype).
+        activation_limbs: INT8 potentials only: ``2`` (two int8 codes per activation, an
+            energy smooth in the positions, for MD and optimisation) or ``1`` (W8A8, a step
+            function of the positions); None keeps what the file says
+            (:func:`qeq_ase.int8_model.set_activation_limbs`).
         **kwargs: passed to :class:`ase.calculators.calculator.Calculator` (``label``,
             ``atoms``, ``directory``).
 
@@ -107,9 +112,13 @@ class QEqCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "forces", "energies"]
 
     def __init__(self, model: str | os.PathLike | QEqModel = "aspirin_fp32", device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype | None = None, **kwargs):
+                 dtype: str | torch.dtype | None = None, activation_limbs: int | None = None, **kwargs):
         self.device = torch.device(device)
         self.model, self.metadata, self.dtype, self.model_label = resolve_model(model, self.device, dtype)
+        if activation_limbs is not None:
+            if not is_int8_model(self.model):
+                raise ValueError(f"activation_limbs applies to INT8 potentials; {self.model_label!r} is not one")
+            set_activation_limbs(self.model, activation_limbs)
         self.cutoff_A = float(self.model.config.cutoff)
         self.species = [int(z) for z in self.model.config.species]
         self._numbers: np.ndarray | None = None  # atomic numbers of the cached species tensor

@@ -26,6 +26,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, help="rMD17 folder (default $QEQ_RMD17_DIR or ../shared/rmd17)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--activation-limbs", type=int, choices=(1, 2), default=None,
+                        help="INT8 potentials: 1 (W8A8) or 2 (two-limb inputs); default: the file's")
+
+
+def _model(args):
+    """The name or path, or (``--activation-limbs``) the loaded model with that input encoding."""
+    if args.activation_limbs is None:
+        return args.model
+    from .calculator import QEqCalculator
+
+    return QEqCalculator(args.model, device=args.device, dtype=args.dtype,
+                         activation_limbs=args.activation_limbs).model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +71,7 @@ def _equivariance(args) -> tuple[dict, bool]:
     frames = load_rmd17(rmd17_path(args.molecule, "test", args.data_dir or default_rmd17_dir()))
     rng = np.random.default_rng(args.seed)
     index = np.sort(rng.choice(len(frames), size=min(args.frames, len(frames)), replace=False))
-    result = check_equivariance(args.model, frames.numbers, frames.positions[index], n_rotations=args.rotations,
+    result = check_equivariance(_model(args), frames.numbers, frames.positions[index], n_rotations=args.rotations,
                                 seed=args.seed, dtype=args.dtype, device=args.device)
     report = {"model": args.model, "molecule": args.molecule, **result.to_dict()}
     ok = args.max_lee_meV_per_A is None or result.lee_mean_meV_per_A <= args.max_lee_meV_per_A
@@ -70,13 +82,13 @@ def _nve(args) -> tuple[dict, bool]:
     from .conservation import check_energy_conservation, plot_energies
 
     result = check_energy_conservation(
-        args.model, args.start, time_ps=args.time_ps, timestep_fs=args.timestep_fs, warmup_fs=args.warmup_fs,
+        _model(args), args.start, time_ps=args.time_ps, timestep_fs=args.timestep_fs, warmup_fs=args.warmup_fs,
         temperature_K=args.temperature_K, friction_per_fs=args.friction_per_fs, seed=args.seed,
         device=args.device, dtype=args.dtype, data_dir=args.data_dir,
     )
     if args.plot:
         plot_energies({args.model: result}, args.plot)
-    report = {"model": args.model, "dtype": args.dtype, **result.summary()}
+    report = {"model": args.model, "dtype": args.dtype, "activation_limbs": args.activation_limbs, **result.summary()}
     bound = args.max_drift_meV_per_atom_per_ps
     return report, bound is None or abs(result.drift_meV_per_atom_per_ps) <= bound
 

@@ -189,9 +189,10 @@ def load_potential_file(path: str | os.PathLike, device: str | torch.device = "c
     try:
         config = ModelConfig.from_dict(payload["model_config"])
         if precision == "int8":
-            from .int8_model import build_int8_model
+            from .int8_model import build_int8_model, set_activation_limbs
 
             model = build_int8_model(config, payload["state_dict"], quant["scheme"], quant.get("activation_bits", 8))
+            set_activation_limbs(model, quant.get("activation_limbs", 1))
         else:
             with torch.random.fork_rng(devices=[]):  # the random initial weights must not touch the global RNG
                 model = _build_float_or_qat(config, precision, quant)

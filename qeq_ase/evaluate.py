@@ -55,8 +55,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("data", help="rMD17 .npz file (kcal/mol units, converted on load)")
     parser.add_argument("--frames", type=int, default=None, help="evaluate only the first N frames")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--activation-limbs", type=int, choices=(1, 2), default=None,
+                        help="int8 potentials: 1 (W8A8) or 2 (two-limb inputs); default: the file's")
     args = parser.parse_args(argv)
     model, _ = load_model(args.model)
+    if args.activation_limbs is not None:
+        from .int8_model import set_activation_limbs
+
+        set_activation_limbs(model, args.activation_limbs)
     frames = load_rmd17(args.data)
     if args.frames:
         frames = frames.subset(np.arange(min(args.frames, len(frames))))

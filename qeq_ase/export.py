@@ -2,6 +2,9 @@
 
 ``--int8`` takes a QAT checkpoint and writes the real int8 model
 (:func:`qeq_ase.int8_model.convert_to_int8`): int8 weight codes with scales, integer kernels.
+``--activation-limbs`` (default 2) is the input encoding the file asks for at load time
+(:func:`qeq_ase.int8_model.set_activation_limbs`): 2 gives an energy smooth enough for MD,
+1 is the paper's W8A8.
 
 Evaluates the model on every frame of the test file and writes the errors into the
 potential's metadata, next to the training data, epochs and architecture it already
@@ -28,11 +31,11 @@ SUBSET_FRAMES = 100
 
 
 def export_potential(checkpoint: str, test_file: str, output: str, name: str | None = None,
-                     int8: bool = False) -> dict:
+                     int8: bool = False, activation_limbs: int = 2) -> dict:
     """Evaluate ``checkpoint`` on ``test_file`` and write it with full metadata to ``output``.
 
-    ``int8=True``: ``checkpoint`` must be a QAT file; the int8 model is what gets evaluated
-    and written.
+    ``int8=True``: ``checkpoint`` must be a QAT file; the int8 model with ``activation_limbs``
+    is what gets evaluated and written.
     """
     precision = read_potential_file(checkpoint)["precision"]
     model, metadata = load_potential_file(checkpoint)
@@ -40,9 +43,9 @@ def export_potential(checkpoint: str, test_file: str, output: str, name: str | N
         if precision != "qat":
             raise ValueError(f"--int8 needs a quantization-aware (precision 'qat') checkpoint; "
                              f"{checkpoint} is {precision!r}: fine-tune it with a 'quantization:' training config")
-        from .int8_model import convert_to_int8
+        from .int8_model import convert_to_int8, set_activation_limbs
 
-        model, precision = convert_to_int8(model), "int8"
+        model, precision = set_activation_limbs(convert_to_int8(model), activation_limbs), "int8"
     test = load_rmd17(test_file)
     energy, forces = predict_frames(model, test)
     errors = error_metrics(test, energy, forces)
@@ -71,8 +74,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default=None, help="potential name recorded in the metadata")
     parser.add_argument("--int8", action="store_true",
                         help="convert a QAT checkpoint to the real int8 model (int8 weights, integer kernels)")
+    parser.add_argument("--activation-limbs", type=int, choices=(1, 2), default=2,
+                        help="--int8: int8 codes per activation, 2 (smooth energy, for MD) or 1 (W8A8)")
     args = parser.parse_args(argv)
-    metadata = export_potential(args.checkpoint, args.test_file, args.output, args.name, args.int8)
+    metadata = export_potential(args.checkpoint, args.test_file, args.output, args.name, args.int8,
+                                args.activation_limbs)
     print(json.dumps({"output": args.output, "test_errors": metadata["test_errors"]}, indent=2))
 
 

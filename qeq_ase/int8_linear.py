@@ -56,9 +56,21 @@ from .quantizers import (TINY, LSQQuantizer, MDDQQuantizer, fake_quantize_per_at
 BACKENDS = ("auto", "cpp", "eager")
 BACKWARD_KERNELS = ("float", "int8")
 INPUT_MODES = ("static", "atom")
+ACTIVATION_LIMBS = (1, 2)
 EXTENSION_NAME = "qeq_int8_kernels"
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_kernels.cpp"
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+
+
+def fake_quantize_limbs(x: torch.Tensor, step: torch.Tensor, qmax: int, limbs: int) -> torch.Tensor:
+    """Float value of the int8 input codes: ``step * round(y)`` (1 limb) or ``step * (hi + lo / (2 qmax))``
+    (2 limbs), ``y = clamp(x / step, -qmax, qmax)``; with LSQ's straight-through gradient."""
+    if limbs == 1:
+        return lsq_fake_quantize(x, step, qmax, qmax)
+    y = torch.clamp(x / step, -qmax, qmax)
+    hi = torch.round(y)
+    value = (hi + torch.round((y - hi) * (2.0 * qmax)) / (2.0 * qmax)) * step
+    return y * step + (value - y * step).detach()
 
 
 # ---------------------------------------------------------------------------------------
@@ -81,15 +93,39 @@ class EagerKernels:
         return codes, scale.reshape(-1)
 
     @staticmethod
+    def split_limbs(y, qmax):
+        """``[M, K]`` values on the step grid -> ``[2M, K]`` interleaved (hi, lo) int8 codes."""
+        yc = torch.clamp(y, -qmax, qmax)
+        hi = torch.round(yc)
+        lo = torch.round((yc - hi) * (2.0 * qmax))
+        return torch.stack([hi, lo], dim=1).reshape(2 * y.shape[0], y.shape[1]).to(torch.int8)
+
+    @classmethod
+    def quantize_static_limbs(cls, x, step, qmax):
+        return cls.split_limbs(x / step, qmax)
+
+    @classmethod
+    def quantize_per_atom_limbs(cls, v, qmax, tiny, limbs):
+        if limbs == 1:
+            return cls.quantize_per_atom(v, qmax, tiny)
+        scale = per_atom_scale(v, qmax)
+        codes = cls.split_limbs((v / scale).reshape(-1, v.shape[2]), qmax)
+        return codes.view(v.shape[0], 3, 2, v.shape[2]), scale.reshape(-1)
+
+    @staticmethod
     def quantize_per_row(x, col_scale, qmax, tiny):
         y = x * col_scale if col_scale is not None else x
         scale = y.abs().amax(dim=1).clamp_min(tiny) / qmax
         return torch.clamp(torch.round(y / scale[:, None]), -qmax, qmax).to(torch.int8), scale
 
     @staticmethod
-    def rescale(acc, row_scale, row_group, col_scale, bias, mask_x, mask_step, qmax):
+    def rescale(acc, row_scale, row_group, col_scale, bias, mask_x, mask_step, qmax, limbs=1):
         r = row_scale if row_scale.numel() == 1 else row_scale.repeat_interleave(row_group)[:, None]
-        out = acc.to(row_scale.dtype) * (r * col_scale if col_scale is not None else r)
+        out = acc.to(row_scale.dtype)
+        if limbs == 2:
+            pairs = out.view(-1, 2, out.shape[1])
+            out = pairs[:, 0] + pairs[:, 1] * (1.0 / (2.0 * qmax))
+        out = out * (r * col_scale if col_scale is not None else r)
         if bias is not None and bias.numel():
             out = out + bias
         if mask_x is not None:
@@ -103,15 +139,17 @@ class EagerKernels:
         return grad.mul_(((y >= -qmax) & (y <= qmax)).to(grad.dtype))
 
     @classmethod
-    def linear_static_forward(cls, x, step, qmax, w_t, w_scale, bias):
-        acc = torch._int_mm(cls.quantize_per_tensor(x, step, qmax), w_t)
+    def linear_static_forward(cls, x, step, qmax, w_t, w_scale, bias, limbs=1):
+        codes = cls.quantize_per_tensor(x, step, qmax) if limbs == 1 else cls.quantize_static_limbs(x, step, qmax)
+        acc = torch._int_mm(codes, w_t)
         clipped = bool((x.abs() / step > qmax).any())
-        return cls.rescale(acc, x.new_full((1,), step), 1, w_scale, bias, None, 1.0, qmax), clipped
+        return cls.rescale(acc, x.new_full((1,), step), 1, w_scale, bias, None, 1.0, qmax, limbs), clipped
 
     @classmethod
-    def linear_atom_forward(cls, x, qmax, tiny, w_t, w_scale):
-        codes, scale = cls.quantize_per_atom(x.view(-1, 3, x.shape[1]), qmax, tiny)
-        return cls.rescale(torch._int_mm(codes.view(x.shape), w_t), scale, 3, w_scale, None, None, 1.0, qmax)
+    def linear_atom_forward(cls, x, qmax, tiny, w_t, w_scale, limbs=1):
+        codes, scale = cls.quantize_per_atom_limbs(x.view(-1, 3, x.shape[1]), qmax, tiny, limbs)
+        acc = torch._int_mm(codes.view(limbs * x.shape[0], x.shape[1]), w_t)
+        return cls.rescale(acc, scale, 3, w_scale, None, None, 1.0, qmax, limbs)
 
     @classmethod
     def linear_backward_int8(cls, grad, w_scale, w, x, step, qmax, tiny):
@@ -119,8 +157,8 @@ class EagerKernels:
         return cls.rescale(torch._int_mm(codes, w), scale, 1, None, None, x, step, qmax)
 
     @staticmethod
-    def int8_linear(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8):
-        return _EagerInt8Linear.apply(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8)
+    def int8_linear(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8, limbs=1):
+        return _EagerInt8Linear.apply(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8, limbs)
 
 
 _cpp_module = None
@@ -175,11 +213,11 @@ class _EagerInt8Linear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8):
+    def forward(ctx, x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8, limbs=1):
         if atom:
-            y, clipped = EagerKernels.linear_atom_forward(x, qmax, TINY, w_t, w_scale), False
+            y, clipped = EagerKernels.linear_atom_forward(x, qmax, TINY, w_t, w_scale, limbs), False
         else:
-            y, clipped = EagerKernels.linear_static_forward(x, step, qmax, w_t, w_scale, bias)
+            y, clipped = EagerKernels.linear_static_forward(x, step, qmax, w_t, w_scale, bias, limbs)
         ctx.save_for_backward(x if clipped else None, w, w_deq, w_scale)  # x only for the STE mask
         ctx.step, ctx.qmax, ctx.backward_int8 = step, qmax, backward_int8
         return y
@@ -200,7 +238,7 @@ class _EagerInt8Linear(torch.autograd.Function):
                 EagerKernels.ste_mask_(gx, x, ctx.step, ctx.qmax)
         else:
             gx = EagerKernels.linear_backward_int8(grad.contiguous(), w_scale, w, x, ctx.step, ctx.qmax, TINY)
-        return (gx,) + (None,) * 9
+        return (gx,) + (None,) * 10
 
 
 # ---------------------------------------------------------------------------------------
@@ -223,6 +261,7 @@ class _Int8LinearBase(nn.Module):
             raise ValueError(f"backward must be one of {BACKWARD_KERNELS}, not {backward!r}")
         self.in_features, self.out_features = in_features, out_features
         self.input_qmax, self.backend, self.backward_kernel = input_qmax, backend, backward
+        self.activation_limbs = 1
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
@@ -244,7 +283,14 @@ class _Int8LinearBase(nn.Module):
         # costs ~0.8 us each, which matters at M = 21 (the whole int8 GEMM takes ~5 us)
         bias = self.bias if self.bias is not None else self.weight_scale.new_zeros(0)
         self._call = (self.weight_int8_t, self.weight_int8, self._weight_dequant, self.weight_scale, bias,
-                      self.input_step_value, self.input_qmax, self.input_mode == "atom")
+                      self.input_step_value, self.input_qmax, self.input_mode == "atom", self.activation_limbs)
+
+    def set_activation_limbs(self, limbs: int) -> None:
+        """1: int8 input codes (W8A8); 2: two int8 limbs per input, a 2 qmax times finer grid."""
+        if limbs not in ACTIVATION_LIMBS:
+            raise ValueError(f"activation limbs must be one of {ACTIVATION_LIMBS}, not {limbs!r}")
+        self.activation_limbs = limbs
+        self.refresh()
 
     def _apply(self, fn, recurse=True):
         # .to(device) moves the codes; .double()/.half() must not touch them or the float32
@@ -289,17 +335,18 @@ class _Int8LinearBase(nn.Module):
             return x2d.new_zeros(0, self.out_features)
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
-        w_t, w, w_deq, w_scale, bias, step, qmax, atom = self._call
+        w_t, w, w_deq, w_scale, bias, step, qmax, atom, limbs = self._call
         ops = self._kernels or self._ops()
         if x2d.requires_grad and torch.is_grad_enabled():
             return ops.int8_linear(x2d, w_t, w, w_deq, w_scale, bias, step, qmax, atom,
-                                   self.backward_kernel == "int8")
+                                   self.backward_kernel == "int8", limbs)
         if atom:  # no autograd node needed
-            return ops.linear_atom_forward(x2d, qmax, TINY, w_t, w_scale)
-        return ops.linear_static_forward(x2d, step, qmax, w_t, w_scale, bias)[0]
+            return ops.linear_atom_forward(x2d, qmax, TINY, w_t, w_scale, limbs)
+        return ops.linear_static_forward(x2d, step, qmax, w_t, w_scale, bias, limbs)[0]
 
     def extra_repr(self) -> str:
-        return (f"{self.irreps_in} -> {self.irreps_out}, int8 weights, {self.input_mode} int8 inputs, "
+        inputs = "int8" if self.activation_limbs == 1 else "two-limb int8"
+        return (f"{self.irreps_in} -> {self.irreps_out}, int8 weights, {self.input_mode} {inputs} inputs, "
                 f"bias={self.bias is not None}, backend={self.backend}, backward={self.backward_kernel}")
 
 
@@ -322,7 +369,7 @@ class Int8ScalarLinear(_Int8LinearBase):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The dequantized float layer (any dtype, autograd): for tests only."""
         step = self.input_step.to(x.dtype)
-        xq = lsq_fake_quantize(x, step, self.input_qmax, self.input_qmax)
+        xq = fake_quantize_limbs(x, step, self.input_qmax, self.activation_limbs)
         w = self.weight_int8.to(x.dtype) * self.weight_scale.to(x.dtype)[:, None]
         b = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(xq, w, b)
@@ -369,19 +416,22 @@ class Int8VectorLinear(_Int8LinearBase):
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if v.dim() != 3 or v.shape[1] != 3:
             raise ValueError(f"{type(self).__name__} expects vectors [N, 3, F], got {tuple(v.shape)}")
-        if self.mddq is not None:
+        if self.mddq is not None and self.activation_limbs == 1:  # two limbs: the fine grid replaces MDDQ
             v = self.mddq(v)
         y = self._apply_int8(v.reshape(-1, self.in_features))
         return y.view(v.shape[0], 3, self.out_features)
 
     def reference_forward(self, v: torch.Tensor) -> torch.Tensor:
         """The dequantized float layer (any dtype, autograd): for tests only."""
-        if self.mddq is not None:
+        if self.mddq is not None and self.activation_limbs == 1:
             v = self.mddq(v)
-        if self.input_mode == "atom":
+        if self.input_mode == "atom" and self.activation_limbs == 1:
             vq = fake_quantize_per_atom(v, bits=int(math.log2(self.input_qmax + 1)) + 1)  # qmax = 2^(b-1) - 1
+        elif self.input_mode == "atom":
+            scale = per_atom_scale(v, self.input_qmax)
+            vq = fake_quantize_limbs(v, scale, self.input_qmax, 2)
         else:
-            vq = lsq_fake_quantize(v, self.input_step.to(v.dtype), self.input_qmax, self.input_qmax)
+            vq = fake_quantize_limbs(v, self.input_step.to(v.dtype), self.input_qmax, self.activation_limbs)
         w = self.weight_int8.to(v.dtype) * self.weight_scale.to(v.dtype)[:, None]
         return nn.functional.linear(vq, w)
 

@@ -51,7 +51,7 @@ import copy
 import torch
 from torch import nn
 
-from .int8_linear import Int8ScalarLinear, Int8VectorLinear, _Int8LinearBase
+from .int8_linear import ACTIVATION_LIMBS, Int8ScalarLinear, Int8VectorLinear, _Int8LinearBase
 from .layers import FeatureObserver, ScalarLinear, VectorLinear
 from .model import ModelConfig, QEqModel
 from .qat import QATScalarLinear, QATVectorLinear, quantization_state
@@ -78,6 +78,11 @@ SCHEME_DESCRIPTIONS = {
     },
 }
 VECTOR_INPUT_MODES = {"full": "atom", "naive": "static"}
+ACTIVATION_ENCODINGS = {
+    1: "one int8 code per GEMM input (W8A8)",
+    2: "two int8 codes per GEMM input, hi on the learned grid and lo on a 254x finer one "
+       "(one _int_mm on twice the rows; energy smooth in the positions)",
+}
 
 
 def quantization_metadata(scheme: str, activation_bits: int = 8, weight_bits: int = 8) -> dict:
@@ -85,7 +90,34 @@ def quantization_metadata(scheme: str, activation_bits: int = 8, weight_bits: in
     if scheme not in SCHEME_DESCRIPTIONS:
         raise ValueError(f"scheme must be one of {sorted(SCHEME_DESCRIPTIONS)}, not {scheme!r}")
     return {"scheme": scheme, **SCHEME_DESCRIPTIONS[scheme],
-            "weight_bits": int(weight_bits), "activation_bits": int(activation_bits)}
+            "weight_bits": int(weight_bits), "activation_bits": int(activation_bits),
+            "activation_limbs": 1, "activation_encoding": ACTIVATION_ENCODINGS[1]}
+
+
+def set_activation_limbs(model: nn.Module, limbs: int) -> nn.Module:
+    """Choose how every int8 layer of ``model`` encodes its inputs; returns ``model``.
+
+    ``1``: one int8 code per input on the learned grid (W8A8, the paper's setting). The
+    energy is then a step function of the positions: each input crossing a rounding
+    boundary moves it by up to tens of meV for aspirin, while the forces are the
+    straight-through gradient, so MD does not conserve it (``docs/quantization.md``).
+    ``2``: two int8 limbs per input (the grid ``2 qmax`` = 254 times finer, ~15 bits), the
+    same int8 weights and one ``_int_mm`` on twice the rows; the float MDDQ rounding of the
+    vector messages is skipped, because it is not needed for the GEMM and is a step function too.
+    """
+    if limbs not in ACTIVATION_LIMBS:
+        raise ValueError(f"activation limbs must be one of {ACTIVATION_LIMBS}, not {limbs!r}")
+    if not is_int8_model(model):
+        raise ValueError("activation limbs apply to int8 models only")
+    for module in model.modules():
+        if isinstance(module, _Int8LinearBase):
+            module.set_activation_limbs(limbs)
+        elif isinstance(module, (LSQQuantizer, MDDQQuantizer)):
+            module.enabled = limbs == 1  # the frozen float quantizers kept by convert_to_int8
+    if isinstance(getattr(model, "quantization", None), dict):
+        model.quantization["activation_limbs"] = limbs
+        model.quantization["activation_encoding"] = ACTIVATION_ENCODINGS[limbs]
+    return model
 
 
 def is_int8_model(model: nn.Module) -> bool:

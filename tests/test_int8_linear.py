@@ -76,8 +76,8 @@ def test_cpp_and_eager_kernels_agree_bitwise():
     for a, b in zip(cpp.quantize_per_row(x, cs, 127, 1e-30), EagerKernels.quantize_per_row(x, cs, 127, 1e-30)):
         assert torch.equal(a, b)
     acc, rs, bias = torch.randint(-50000, 50000, (37, 20), dtype=torch.int32), torch.rand(1), torch.randn(20)
-    assert torch.equal(cpp.rescale(acc, rs, 1, cs, bias, x, 0.01, 127),
-                       EagerKernels.rescale(acc, rs, 1, cs, bias, x, 0.01, 127))
+    assert torch.equal(cpp.rescale(acc, rs, 1, cs, bias, x, 0.01, 127, 1),
+                       EagerKernels.rescale(acc, rs, 1, cs, bias, x, 0.01, 127, 1))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "eager"])
@@ -232,3 +232,51 @@ def test_missing_compiler_gives_a_clear_error(monkeypatch, tmp_path):
         int8_linear.get_kernels("cpp")
     with pytest.warns(RuntimeWarning, match="Falling back to eager"):
         assert int8_linear.get_kernels("auto") is EagerKernels
+
+
+def test_two_limb_kernels_agree_bitwise_and_refine_the_input_grid():
+    cpp = int8_linear.load_cpp_kernels()
+    torch.manual_seed(5)
+    x, v = torch.randn(37, 20) * 0.5, torch.randn(11, 3, 20)
+    codes = cpp.quantize_static_limbs(x, 0.01, 127)
+    assert codes.shape == (74, 20) and torch.equal(codes, EagerKernels.quantize_static_limbs(x, 0.01, 127))
+    hi, lo = codes.view(37, 2, 20).float().unbind(1)
+    inside = (x / 0.01).abs() <= 127
+    # hi is the one-limb code; lo resolves the remainder on a 254x finer grid
+    assert torch.equal(hi, cpp.quantize_per_tensor(x, 0.01, 127).float())
+    assert ((hi + lo / 254) * 0.01 - x)[inside].abs().max() <= 0.01 / 254 / 2 * 1.001
+    for a, b in zip(cpp.quantize_per_atom_limbs(v, 127, 1e-30, 2), EagerKernels.quantize_per_atom_limbs(v, 127, 1e-30, 2)):
+        assert torch.equal(a, b)
+    acc = torch.randint(-50000, 50000, (74, 20), dtype=torch.int32)
+    rs, cs, bias = torch.rand(1), torch.rand(20), torch.randn(20)
+    assert torch.equal(cpp.rescale(acc, rs, 1, cs, bias, None, 1.0, 127, 2),
+                       EagerKernels.rescale(acc, rs, 1, cs, bias, None, 1.0, 127, 2))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "eager"])
+def test_two_limb_layers_are_close_to_the_float_layer_and_keep_the_gradient(backend):
+    qat, x = qat_scalar(clip=True), torch.randn(60, 32, requires_grad=True)
+    layer = Int8ScalarLinear.from_qat(qat, backend=backend)
+    w, b = layer.dequantized_weight(), layer.bias
+    step = layer.input_step_value
+    exact = torch.nn.functional.linear(x.detach().clamp(-127 * step, 127 * step), w, b)
+    one = layer(x).detach()
+    layer.set_activation_limbs(2)
+    y = layer(x)
+    assert rel_err(y.detach(), layer.reference_forward(x).detach()) < FLOAT_RTOL
+    # measured: the input rounding error falls ~250x with the second limb
+    assert rel_err(y.detach(), exact) < rel_err(one, exact) / 50
+    g = torch.randn_like(y)
+    gx, = torch.autograd.grad(y, x, g)
+    layer.set_activation_limbs(1)
+    gx1, = torch.autograd.grad(layer(x), x, g)
+    assert torch.equal(gx, gx1)  # the same straight-through gradient
+    vector = Int8VectorLinear.from_qat(qat_vector(), backend=backend)
+    vin = torch.randn(9, 3, 32)
+    one = vector(vin)
+    vector.set_activation_limbs(2)
+    exact = torch.nn.functional.linear(vin, vector.dequantized_weight())
+    assert rel_err(vector(vin), vector.reference_forward(vin)) < FLOAT_RTOL
+    assert rel_err(vector(vin), exact) < rel_err(one, exact) / 50
+    with pytest.raises(ValueError, match="activation limbs"):
+        vector.set_activation_limbs(3)

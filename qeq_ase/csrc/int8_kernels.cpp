@@ -8,6 +8,13 @@
 //
 // Shapes: x [M, K] float32, codes [M, K] int8, acc [M, N] int32 (torch._int_mm output),
 // vectors [N, 3, F] float32 (Cartesian axis in the middle, as in qeq_ase.layers).
+//
+// Two-limb activations (limbs = 2): each input y = x / step (clamped to [-qmax, qmax]) is
+// carried as hi = round(y) and lo = round((y - hi) * 2 qmax), two int8 codes whose rows are
+// interleaved in a [2M, K] code matrix; one _int_mm then gives both partial products and
+// the rescale adds acc_hi + acc_lo / (2 qmax). The activation grid is 2 qmax = 254 times
+// finer (~15 bits) with the same int8 weights and GEMM, which makes the energy smooth
+// enough in the positions for MD (see docs/quantization.md, "Smoothness").
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -83,15 +90,56 @@ at::Tensor quantize_per_tensor(const at::Tensor& x, double step, int64_t qmax) {
   return quantize_static(x, step, qmax, nullptr);
 }
 
+// Writes the two limbs of y (already divided by the step) to hi and lo.
+inline void split_limbs(float y, float lo_bound, float hi_bound, float scale, int8_t* hi, int8_t* lo) {
+  const float yc = std::min(std::max(y, lo_bound), hi_bound);
+  const float h = round_half_even(yc);
+  *hi = static_cast<int8_t>(static_cast<int32_t>(h));
+  *lo = static_cast<int8_t>(static_cast<int32_t>(round_half_even((yc - h) * scale)));
+}
+
+// Two-limb codes [2M, K] of x [M, K] with a static step (row 2m: hi, row 2m + 1: lo).
+at::Tensor quantize_static_limbs(const at::Tensor& x, double step, int64_t qmax, bool* clipped) {
+  check_float(x, "x");
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto codes = at::empty({2 * M, K}, x.options().dtype(at::kChar));
+  const float* __restrict xp = x.data_ptr<float>();
+  int8_t* __restrict qp = codes.data_ptr<int8_t>();
+  const float s = static_cast<float>(step), hi = static_cast<float>(qmax), lo = -hi, L = 2.0f * hi;
+  std::atomic<bool> any_clipped{false};
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, K));
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    int32_t out = 0;
+    for (int64_t m = begin; m < end; ++m) {
+      const float* __restrict xr = xp + m * K;
+      int8_t* __restrict qh = qp + 2 * m * K;
+      int8_t* __restrict ql = qh + K;
+      for (int64_t k = 0; k < K; ++k) {
+        const float y = xr[k] / s;
+        out |= static_cast<int32_t>(y < lo) | static_cast<int32_t>(y > hi);
+        split_limbs(y, lo, hi, L, qh + k, ql + k);
+      }
+    }
+    if (out) any_clipped.store(true, std::memory_order_relaxed);
+  });
+  if (clipped) *clipped = any_clipped.load();
+  return codes;
+}
+
 // Rotation-invariant per-atom quantization of vectors v [N, 3, F]:
 //   scale[n] = max(max_f |v[n, :, f]|, tiny) / qmax,   codes = clamp(round(v / scale[n])).
 // |v[n, :, f]| is the Euclidean norm over the Cartesian axis, so scale[n] does not change
 // under a rotation of the molecule (a per-row max over x, y or z components would).
-std::tuple<at::Tensor, at::Tensor> quantize_per_atom(const at::Tensor& v, int64_t qmax, double tiny) {
+// limbs = 2: codes [N, 3, 2, F] (for each Cartesian row the hi row, then the lo row).
+std::tuple<at::Tensor, at::Tensor> quantize_per_atom_limbs(const at::Tensor& v, int64_t qmax, double tiny,
+                                                           int64_t limbs) {
   check_float(v, "v");
   TORCH_CHECK(v.dim() == 3 && v.size(1) == 3, "v must be [N, 3, F], got ", v.sizes());
+  TORCH_CHECK(limbs == 1 || limbs == 2, "limbs must be 1 or 2");
   const int64_t N = v.size(0), F = v.size(2);
-  auto codes = at::empty(v.sizes(), v.options().dtype(at::kChar));
+  auto codes = limbs == 1 ? at::empty(v.sizes(), v.options().dtype(at::kChar))
+                          : at::empty({N, 3, 2, F}, v.options().dtype(at::kChar));
   auto scale = at::empty({N}, v.options());
   const float* vp = v.data_ptr<float>();
   int8_t* qp = codes.data_ptr<int8_t>();
@@ -109,15 +157,28 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_atom(const at::Tensor& v, int64_
       // sqrt is monotone and correctly rounded: sqrt(max r^2) == max sqrt(r^2)
       const float s = std::max(std::sqrt(m2), tf) / hi;
       sp[n] = s;
-      int8_t* __restrict q = qp + n * 3 * F;
-      for (int64_t i = 0; i < 3 * F; ++i) {
-        float y = x0[i] / s;
-        y = std::min(std::max(y, lo), hi);
-        q[i] = static_cast<int8_t>(static_cast<int32_t>(round_half_even(y)));
+      if (limbs == 1) {
+        int8_t* __restrict q = qp + n * 3 * F;
+        for (int64_t i = 0; i < 3 * F; ++i) {
+          float y = x0[i] / s;
+          y = std::min(std::max(y, lo), hi);
+          q[i] = static_cast<int8_t>(static_cast<int32_t>(round_half_even(y)));
+        }
+      } else {
+        for (int64_t c = 0; c < 3; ++c) {
+          int8_t* __restrict qh = qp + (n * 3 + c) * 2 * F;
+          int8_t* __restrict ql = qh + F;
+          const float* xc = x0 + c * F;
+          for (int64_t f = 0; f < F; ++f) split_limbs(xc[f] / s, lo, hi, 2.0f * hi, qh + f, ql + f);
+        }
       }
     }
   });
   return {codes, scale};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_atom(const at::Tensor& v, int64_t qmax, double tiny) {
+  return quantize_per_atom_limbs(v, qmax, tiny, 1);
 }
 
 // Dynamic per-row quantization of y = x * col_scale (col_scale optional), x [M, K]:
@@ -180,22 +241,32 @@ struct RescaleArgs {
   const float* bias = nullptr;
   const float* mx = nullptr;
   float ms = 1.0f, lo = -127.0f, hi = 127.0f;
+  int64_t limbs = 1;      // 2: acc rows come in (hi, lo) pairs, combined as hi + lo * inv_lo
+  float inv_lo = 1.0f;
 };
 
-// Rows [m0, m0 + rows) of the output; acc points at row m0 of an int32 [*, N] block.
+// Rows [m0, m0 + rows) of the output; acc points at row m0 (limbs = 2: row 2 m0) of an
+// int32 [*, N] block.
 void rescale_rows(const int32_t* acc, int64_t m0, int64_t rows, int64_t N, const RescaleArgs& p, float* out) {
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, N));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t m = m0 + i;
       const float r = p.per_tensor ? p.rs[0] : p.rs[m / p.group];
-      const int32_t* __restrict a = acc + i * N;
       float* __restrict o = out + m * N;
+      if (p.limbs == 2) {
+        const int32_t* __restrict a = acc + 2 * i * N;
+        const int32_t* __restrict b = a + N;
+        for (int64_t n = 0; n < N; ++n) o[n] = static_cast<float>(a[n]) + static_cast<float>(b[n]) * p.inv_lo;
+      } else {
+        const int32_t* __restrict a = acc + i * N;
+        for (int64_t n = 0; n < N; ++n) o[n] = static_cast<float>(a[n]);
+      }
       if (p.cs) {
         const float* __restrict cs = p.cs;
-        for (int64_t n = 0; n < N; ++n) o[n] = static_cast<float>(a[n]) * (r * cs[n]);
+        for (int64_t n = 0; n < N; ++n) o[n] = o[n] * (r * cs[n]);
       } else {
-        for (int64_t n = 0; n < N; ++n) o[n] = static_cast<float>(a[n]) * r;
+        for (int64_t n = 0; n < N; ++n) o[n] = o[n] * r;
       }
       if (p.bias) {
         const float* __restrict bp = p.bias;
@@ -238,16 +309,23 @@ RescaleArgs make_args(const float* rs, int64_t rs_numel, int64_t group, int64_t 
   return p;
 }
 
+void set_limbs(RescaleArgs& p, int64_t limbs, int64_t qmax) {
+  p.limbs = limbs;
+  p.inv_lo = 1.0f / (2.0f * static_cast<float>(qmax));
+}
+
 // out = rescale(acc) for a whole int32 [M, N] tensor (exposed for tests and the eager twin).
 at::Tensor rescale(const at::Tensor& acc, const at::Tensor& row_scale, int64_t row_group,
                    const c10::optional<at::Tensor>& col_scale, const c10::optional<at::Tensor>& bias,
-                   const c10::optional<at::Tensor>& mask_x, double mask_step, int64_t qmax) {
+                   const c10::optional<at::Tensor>& mask_x, double mask_step, int64_t qmax, int64_t limbs) {
   TORCH_CHECK(acc.scalar_type() == at::kInt && acc.is_contiguous() && acc.dim() == 2,
               "acc must be a contiguous int32 [M, N] tensor");
+  TORCH_CHECK(limbs == 1 || (limbs == 2 && acc.size(0) % 2 == 0), "limbs must be 1, or 2 with an even row count");
   check_float(row_scale, "row_scale");
-  const int64_t M = acc.size(0), N = acc.size(1);
+  const int64_t M = acc.size(0) / limbs, N = acc.size(1);
   auto p = make_args(row_scale.data_ptr<float>(), row_scale.numel(), row_group, M, N, col_scale, bias, mask_x,
                      mask_step, qmax);
+  set_limbs(p, limbs, qmax);
   auto out = at::empty({M, N}, row_scale.options());
   rescale_rows(acc.data_ptr<int32_t>(), 0, M, N, p, out.data_ptr<float>());
   return out;
@@ -256,16 +334,17 @@ at::Tensor rescale(const at::Tensor& acc, const at::Tensor& row_scale, int64_t r
 // _int_mm(codes [M, K], w [K, N]) then rescale, in blocks of rows whose int32 result
 // (<= 1 MB) stays in L2: the full int32 [M, N] tensor is never written to memory, which
 // for M x N = 5000 x 640 saves two 12.8 MB passes (and the page faults of a fresh one).
+// With two limbs, codes has 2M rows and each block holds whole (hi, lo) pairs.
 at::Tensor gemm_rescale(const at::Tensor& codes, const at::Tensor& w, const RescaleArgs& p) {
-  const int64_t M = codes.size(0), N = w.size(1);
+  const int64_t L = p.limbs, M = codes.size(0) / L, N = w.size(1);
   auto out = at::empty({M, N}, codes.options().dtype(at::kFloat));
   if (M == 0) return out;
-  const int64_t block = std::min<int64_t>(M, std::max<int64_t>(64, (int64_t{1} << 18) / std::max<int64_t>(1, N)));
-  auto acc = at::empty({block, N}, codes.options().dtype(at::kInt));
+  const int64_t block = std::min<int64_t>(M, std::max<int64_t>(64, (int64_t{1} << 18) / std::max<int64_t>(1, L * N)));
+  auto acc = at::empty({L * block, N}, codes.options().dtype(at::kInt));
   for (int64_t m0 = 0; m0 < M; m0 += block) {
     const int64_t rows = std::min(block, M - m0);
-    auto acc_rows = acc.narrow(0, 0, rows);
-    at::_int_mm_out(acc_rows, codes.narrow(0, m0, rows), w);
+    auto acc_rows = acc.narrow(0, 0, L * rows);
+    at::_int_mm_out(acc_rows, codes.narrow(0, L * m0, L * rows), w);
     rescale_rows(acc_rows.data_ptr<int32_t>(), m0, rows, N, p, out.data_ptr<float>());
   }
   return out;
@@ -296,22 +375,25 @@ at::Tensor ste_mask_(at::Tensor grad, const at::Tensor& x, double step, int64_t 
 // Returns (y, clipped): clipped tells whether any input was clipped (STE mask needed).
 std::tuple<at::Tensor, bool> linear_static_forward(const at::Tensor& x, double step, int64_t qmax,
                                                    const at::Tensor& w_t, const at::Tensor& w_scale,
-                                                   const c10::optional<at::Tensor>& bias) {
+                                                   const c10::optional<at::Tensor>& bias, int64_t limbs) {
+  TORCH_CHECK(limbs == 1 || limbs == 2, "limbs must be 1 or 2");
   bool clipped = false;
-  auto codes = quantize_static(x, step, qmax, &clipped);
+  auto codes = limbs == 1 ? quantize_static(x, step, qmax, &clipped) : quantize_static_limbs(x, step, qmax, &clipped);
   const float s = static_cast<float>(step);
   auto p = make_args(&s, 1, 1, x.size(0), w_t.size(1), w_scale, bias, c10::nullopt, 1.0, qmax);
+  set_limbs(p, limbs, qmax);
   return {gemm_rescale(codes, w_t, p), clipped};
 }
 
 // atom: y = rescale(_int_mm(quantize_per_atom(x as [N, 3, K]), w_t), scale[n], w_scale)
 at::Tensor linear_atom_forward(const at::Tensor& x, int64_t qmax, double tiny, const at::Tensor& w_t,
-                               const at::Tensor& w_scale) {
+                               const at::Tensor& w_scale, int64_t limbs) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) % 3 == 0, "x must be [3N, K]");
-  auto [codes, scale] = quantize_per_atom(x.view({x.size(0) / 3, 3, x.size(1)}), qmax, tiny);
+  auto [codes, scale] = quantize_per_atom_limbs(x.view({x.size(0) / 3, 3, x.size(1)}), qmax, tiny, limbs);
   auto p = make_args(scale.data_ptr<float>(), scale.numel(), 3, x.size(0), w_t.size(1), w_scale, c10::nullopt,
                      c10::nullopt, 1.0, qmax);
-  return gemm_rescale(codes.view({x.size(0), x.size(1)}), w_t, p);
+  set_limbs(p, limbs, qmax);
+  return gemm_rescale(codes.view({limbs * x.size(0), x.size(1)}), w_t, p);
 }
 
 // Input gradient with int8 GEMM: (g * w_scale) quantized per row, times W_q [N, K],
@@ -330,19 +412,21 @@ at::Tensor linear_backward_int8(const at::Tensor& grad, const at::Tensor& w_scal
 
 // Inputs: x [M, K] float32 (needs grad), w_t [K, N] int8, w [N, K] int8, w_deq [N, K]
 // float32 (W_q * s_w, for the float and the double backward), w_scale [N], bias [N] or an
-// empty tensor. backward_int8 picks the int8 backward GEMM.
+// empty tensor. backward_int8 picks the int8 backward GEMM; limbs (1 or 2) the activation
+// codes of the forward GEMM (the backward is the same straight-through gradient for both).
 // Double backward (create_graph=True): the backward runs differentiable ATen ops, so the
 // second derivative is that of the STE surrogate clamp(x) @ w_deq.T (linear in grad).
 struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_t,
                             const at::Tensor& w, const at::Tensor& w_deq, const at::Tensor& w_scale,
-                            const at::Tensor& bias, double step, int64_t qmax, bool atom, bool backward_int8) {
+                            const at::Tensor& bias, double step, int64_t qmax, bool atom, bool backward_int8,
+                            int64_t limbs) {
     at::Tensor y;
     bool clipped = false;
     if (atom) {
-      y = linear_atom_forward(x, qmax, 1e-30, w_t, w_scale);
+      y = linear_atom_forward(x, qmax, 1e-30, w_t, w_scale, limbs);
     } else {
-      std::tie(y, clipped) = linear_static_forward(x, step, qmax, w_t, w_scale, bias);
+      std::tie(y, clipped) = linear_static_forward(x, step, qmax, w_t, w_scale, bias, limbs);
     }
     ctx->saved_data["step"] = step;
     ctx->saved_data["qmax"] = qmax;
@@ -375,14 +459,14 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
                                 step, qmax, 1e-30);
     }
     return {gx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_t, const at::Tensor& w, const at::Tensor& w_deq,
                        const at::Tensor& w_scale, const at::Tensor& bias, double step, int64_t qmax, bool atom,
-                       bool backward_int8) {
-  return Int8LinearFunction::apply(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8);
+                       bool backward_int8, int64_t limbs) {
+  return Int8LinearFunction::apply(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8, limbs);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -393,6 +477,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_backward_int8", &linear_backward_int8, "input gradient through _int_mm with W_q");
   m.def("quantize_per_tensor", &quantize_per_tensor, "int8 codes with a static step");
   m.def("quantize_per_atom", &quantize_per_atom, "int8 codes of [N,3,F] vectors, one invariant scale per atom");
+  m.def("quantize_static_limbs", [](const at::Tensor& x, double step, int64_t qmax) {
+    return quantize_static_limbs(x, step, qmax, nullptr);
+  }, "two-limb int8 codes [2M, K] with a static step");
+  m.def("quantize_per_atom_limbs", &quantize_per_atom_limbs, "per-atom int8 codes, one or two limbs");
   m.def("quantize_per_row", &quantize_per_row, "int8 codes with one dynamic scale per row");
   m.def("rescale", &rescale, "int32 GEMM output -> float32 with row/column scales, bias, STE mask");
   m.def("ste_mask_", &ste_mask_, "in-place STE mask of a clamped quantizer");
