@@ -99,8 +99,9 @@ def set_activation_limbs(model: nn.Module, limbs: int) -> nn.Module:
 
     ``1``: one int8 code per input on the learned grid (W8A8, the paper's setting). The
     energy is then a step function of the positions: each input crossing a rounding
-    boundary moves it by up to tens of meV for aspirin, while the forces are the
-    straight-through gradient, so MD does not conserve it (``docs/quantization.md``).
+    boundary moves it (tens of meV over 0.04 Å for aspirin), while the forces are the
+    straight-through gradient, not the gradient of that energy: NVE totals jump from step to
+    step and BFGS does not converge (``docs/quantization.md``, "Smoothness").
     ``2``: two int8 limbs per input (the grid ``2 qmax`` = 254 times finer, ~15 bits), the
     same int8 weights and one ``_int_mm`` on twice the rows; the float MDDQ rounding of the
     vector messages is skipped, because it is not needed for the GEMM and is a step function too.
