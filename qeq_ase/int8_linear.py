@@ -11,6 +11,13 @@ pass is::
 
 where the GEMM and the rescale run on blocks of rows whose int32 result stays in L2.
 
+With ``activation_limbs = 2`` (:meth:`_Int8LinearBase.set_activation_limbs`, the shipped
+setting) each input ``y = x / s_x`` is carried as two int8 codes, ``hi = round(y)`` and
+``lo = round((y - hi) * 2 qmax)``, in interleaved rows of one ``[2M, K]`` code matrix: the
+same ``_int_mm`` on twice the rows, then ``acc_hi + acc_lo / (2 qmax)`` in the rescale. The
+input grid is 254 times finer, which makes the energy smooth enough in the positions for MD
+(``docs/quantization.md``, "Smoothness").
+
 * Weights: symmetric int8 codes ``W_q [N, K]`` per output channel, ``s_w [N]`` (the
   ``1/sqrt(K)`` normalisation of the float layer folded in). Stored as ``weight_int8``;
   a transposed copy ``[K, N]`` is kept for ``_int_mm``.
