@@ -254,19 +254,20 @@ void rescale_rows(const int32_t* acc, int64_t m0, int64_t rows, int64_t N, const
       const int64_t m = m0 + i;
       const float r = p.per_tensor ? p.rs[0] : p.rs[m / p.group];
       float* __restrict o = out + m * N;
-      if (p.limbs == 2) {
-        const int32_t* __restrict a = acc + 2 * i * N;
-        const int32_t* __restrict b = a + N;
-        for (int64_t n = 0; n < N; ++n) o[n] = static_cast<float>(a[n]) + static_cast<float>(b[n]) * p.inv_lo;
-      } else {
-        const int32_t* __restrict a = acc + i * N;
-        for (int64_t n = 0; n < N; ++n) o[n] = static_cast<float>(a[n]);
-      }
+      const int32_t* __restrict a = acc + p.limbs * i * N;
+      const int32_t* __restrict b = a + N;  // the lo limb's row (limbs = 2 only)
+      const float lo = p.inv_lo;
       if (p.cs) {
         const float* __restrict cs = p.cs;
-        for (int64_t n = 0; n < N; ++n) o[n] = o[n] * (r * cs[n]);
+        if (p.limbs == 2) {
+          for (int64_t n = 0; n < N; ++n) o[n] = (static_cast<float>(a[n]) + static_cast<float>(b[n]) * lo) * (r * cs[n]);
+        } else {
+          for (int64_t n = 0; n < N; ++n) o[n] = static_cast<float>(a[n]) * (r * cs[n]);
+        }
+      } else if (p.limbs == 2) {
+        for (int64_t n = 0; n < N; ++n) o[n] = (static_cast<float>(a[n]) + static_cast<float>(b[n]) * lo) * r;
       } else {
-        for (int64_t n = 0; n < N; ++n) o[n] = o[n] * r;
+        for (int64_t n = 0; n < N; ++n) o[n] = static_cast<float>(a[n]) * r;
       }
       if (p.bias) {
         const float* __restrict bp = p.bias;
