@@ -207,9 +207,10 @@ def load_potential_file(path: str | os.PathLike, device: str | torch.device = "c
 def _build_float_or_qat(config: ModelConfig, precision: str, quant: dict | None) -> QEqModel:
     if precision == "fp32":
         return QEqModel(config)
-    from .qat import build_qat_model, set_quantization
+    from .qat import build_qat_model, set_activation_limbs, set_quantization
 
     model = build_qat_model(config, quant["scheme"], quant.get("weight_bits", 8), quant.get("activation_bits", 8))
+    set_activation_limbs(model, quant.get("activation_limbs", 1))
     state = quant.get("state") or {}
     set_quantization(model, **{b: state[b] for b in ("scalar", "vector") if isinstance(state.get(b), bool)})
     return model

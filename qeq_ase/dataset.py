@@ -1,9 +1,11 @@
-"""Reference data: rMD17 ``.npz`` files (converted to eV, eV/Å) with an HDF5 cache.
+"""Reference data: rMD17 ``.npz`` files and extended XYZ files, in eV and Å, with an HDF5 cache.
 
 A :class:`Frames` object holds one molecule's configurations in ASE units. rMD17 files
 (the split files of ``shared/rmd17`` or the full 100,000-frame files a user downloads
 from figshare) store kcal/mol and kcal/mol/Å; :func:`load_rmd17` converts them once
 and caches the converted arrays in HDF5 so that later loads skip the conversion.
+Extended XYZ files (what MACE and NequIP users have) are read through ASE and already
+hold eV and eV/Å; :func:`load_frames` takes either kind of file.
 """
 
 from __future__ import annotations
@@ -120,6 +122,91 @@ def read_rmd17_npz(path: str | os.PathLike) -> Frames:
     return Frames(numbers, positions, energy, forces, source=str(path))
 
 
+def _extxyz_property(atoms, key: str, per_atom: bool):
+    """``key`` of one ASE frame: from its calculator results (where ASE puts ``energy=`` and
+    ``forces``) or else from ``atoms.info`` / ``atoms.arrays`` (e.g. MACE's ``REF_energy``)."""
+    if atoms.calc is not None and key in getattr(atoms.calc, "results", {}):
+        return atoms.calc.results[key]
+    store = atoms.arrays if per_atom else atoms.info
+    return store.get(key)
+
+
+def read_extxyz(path: str | os.PathLike, energy_key: str = "energy", forces_key: str = "forces") -> Frames:
+    """Read an extended XYZ file of one molecule (eV, eV/Å, as ASE writes it). No caching.
+
+    Every frame must hold the same atoms in the same order (a molecule along a trajectory,
+    like rMD17), carry an energy under ``energy_key`` and forces under ``forces_key``, and
+    be non-periodic.
+    """
+    from ase.io import read
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"extended XYZ file not found: {path}")
+    try:
+        images = read(path, index=":", format="extxyz")
+    except Exception as err:  # ASE raises many kinds of errors on malformed text
+        raise DatasetError(f"{path}: cannot be read as extended XYZ ({type(err).__name__}: {err})") from err
+    if not images:
+        raise DatasetError(f"{path}: no frames")
+    numbers = images[0].numbers.astype(np.int64)
+    energy, forces = np.empty(len(images)), np.empty((len(images), len(numbers), 3))
+    for i, atoms in enumerate(images):
+        if not np.array_equal(atoms.numbers, numbers):
+            raise DatasetError(f"{path}: frame {i} has other atoms than frame 0; a training file must hold "
+                               f"one molecule with its atoms in the same order in every frame")
+        if atoms.pbc.any():
+            raise DatasetError(f"{path}: frame {i} is periodic (pbc={atoms.pbc.tolist()}); training on "
+                               f"periodic cells is not supported, only molecules")
+        e = _extxyz_property(atoms, energy_key, per_atom=False)
+        f = _extxyz_property(atoms, forces_key, per_atom=True)
+        if e is None or f is None:
+            found = sorted(set(atoms.info) | set(atoms.arrays) | set(getattr(atoms.calc, "results", {}) or {}))
+            missing = [k for k, v in ((energy_key, e), (forces_key, f)) if v is None]
+            raise DatasetError(f"{path}: frame {i} has no {' or '.join(map(repr, missing))}; it holds {found} "
+                               f"(choose the keys with energy_key= / forces_key=)")
+        energy[i], forces[i] = float(np.asarray(e).reshape(())), np.asarray(f, dtype=np.float64)
+    positions = np.stack([atoms.positions for atoms in images]).astype(np.float64)
+    if not (np.isfinite(positions).all() and np.isfinite(energy).all() and np.isfinite(forces).all()):
+        raise DatasetError(f"{path}: positions, energies or forces contain NaN or inf")
+    return Frames(numbers, positions, energy, forces, source=str(path),
+                  info={"energy_key": energy_key, "forces_key": forces_key})
+
+
+def write_extxyz(frames: Frames, path: str | os.PathLike) -> Path:
+    """Write ``frames`` as extended XYZ (eV, eV/Å, energies and forces as ASE stores them),
+    e.g. to turn an rMD17 file into the format of a user's own data."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    images = []
+    for pos, e, f in zip(frames.positions, frames.energy, frames.forces):
+        atoms = Atoms(numbers=frames.numbers, positions=pos)
+        atoms.calc = SinglePointCalculator(atoms, energy=float(e), forces=f)
+        images.append(atoms)
+    write(path, images, format="extxyz")
+    return Path(path)
+
+
+def is_extxyz(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in (".xyz", ".extxyz")
+
+
+def load_frames(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
+                energy_key: str = "energy", forces_key: str = "forces") -> Frames:
+    """Reference frames in eV and Å from an rMD17 ``.npz`` or an extended XYZ (``.xyz``,
+    ``.extxyz``) file, through the HDF5 cache of :func:`load_rmd17`."""
+    path = Path(path)
+    if is_extxyz(path):
+        reader = lambda p: read_extxyz(p, energy_key, forces_key)  # noqa: E731
+        return _load_cached(path, reader, cache_dir, use_cache, tag=f"{energy_key}|{forces_key}")
+    if path.suffix.lower() == ".npz":
+        return load_rmd17(path, cache_dir, use_cache)
+    raise DatasetError(f"{path}: unknown data format {path.suffix!r}; expected an rMD17 .npz or an "
+                       f"extended XYZ .xyz/.extxyz file")
+
+
 def load_rmd17(
     path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, use_cache: bool = True
 ) -> Frames:
@@ -129,22 +216,29 @@ def load_rmd17(
     the converted arrays and the source's SHA-256, so a second load neither converts
     nor hashes. Pass ``use_cache=False`` to bypass it.
     """
-    path = Path(path).resolve()
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"rMD17 file not found: {path}")
+        raise FileNotFoundError(f"rMD17 file not found: {path.resolve()}")
+    return _load_cached(path, read_rmd17_npz, cache_dir, use_cache)
+
+
+def _load_cached(path: Path, reader, cache_dir, use_cache: bool, tag: str = "") -> Frames:
+    path = path.resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
     if not use_cache:
-        frames = read_rmd17_npz(path)
+        frames = reader(path)
         frames.sha256 = file_sha256(path)
         return frames
     stat = path.stat()
-    key = hashlib.sha1(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{path}|{stat.st_size}|{stat.st_mtime_ns}{tag}".encode()).hexdigest()[:16]
     cache = Path(cache_dir or default_cache_dir()) / f"{path.stem}-{key}.h5"
     if cache.is_file():
         try:
             return _read_cache(cache, path)
         except (OSError, KeyError):
             cache.unlink(missing_ok=True)  # a corrupt or stale cache is rebuilt
-    frames = read_rmd17_npz(path)
+    frames = reader(path)
     frames.sha256 = file_sha256(path)
     _write_cache(cache, frames)
     return frames

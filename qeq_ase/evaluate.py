@@ -8,7 +8,7 @@ import json
 import numpy as np
 import torch
 
-from .dataset import Frames, load_rmd17
+from .dataset import Frames, load_frames
 from .graph import molecules_to_graph
 from .model import QEqModel
 
@@ -50,9 +50,11 @@ def evaluate(model: QEqModel, frames: Frames, batch_size: int = 32) -> dict[str,
 def main(argv: list[str] | None = None) -> None:
     from .registry import load_model
 
-    parser = argparse.ArgumentParser(prog="qeq-eval", description="Energy and force MAE of a potential on an rMD17 file.")
+    parser = argparse.ArgumentParser(prog="qeq-eval", description="Energy and force MAE of a potential on an rMD17 or extended XYZ file.")
     parser.add_argument("model", help="shipped potential name (e.g. aspirin_fp32) or path to a potential file")
-    parser.add_argument("data", help="rMD17 .npz file (kcal/mol units, converted on load)")
+    parser.add_argument("data", help="rMD17 .npz file (kcal/mol, converted on load) or extended XYZ (eV, eV/Å)")
+    parser.add_argument("--energy-key", default="energy", help="extended XYZ: energy key")
+    parser.add_argument("--forces-key", default="forces", help="extended XYZ: forces key")
     parser.add_argument("--frames", type=int, default=None, help="evaluate only the first N frames")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--activation-limbs", type=int, choices=(1, 2), default=None,
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         from .int8_model import set_activation_limbs
 
         set_activation_limbs(model, args.activation_limbs)
-    frames = load_rmd17(args.data)
+    frames = load_frames(args.data, energy_key=args.energy_key, forces_key=args.forces_key)
     if args.frames:
         frames = frames.subset(np.arange(min(args.frames, len(frames))))
     print(json.dumps(evaluate(model, frames, args.batch_size), indent=2))

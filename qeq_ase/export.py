@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 import torch
 
 from .checkpoint import load_potential_file, read_potential_file, save_potential
-from .dataset import load_rmd17
+from .dataset import file_sha256, load_frames
 from .evaluate import error_metrics, predict_frames
 
 #: Errors on the first frames of the test file are recorded too, so that a test can
@@ -31,11 +31,13 @@ SUBSET_FRAMES = 100
 
 
 def export_potential(checkpoint: str, test_file: str, output: str, name: str | None = None,
-                     int8: bool = False, activation_limbs: int = 2) -> dict:
+                     int8: bool = False, activation_limbs: int = 2, energy_key: str = "energy",
+                     forces_key: str = "forces") -> dict:
     """Evaluate ``checkpoint`` on ``test_file`` and write it with full metadata to ``output``.
 
     ``int8=True``: ``checkpoint`` must be a QAT file; the int8 model with ``activation_limbs``
-    is what gets evaluated and written.
+    is what gets evaluated and written. ``test_file`` is an rMD17 ``.npz`` or an extended XYZ
+    file (whose energy and forces keys are ``energy_key`` and ``forces_key``).
     """
     precision = read_potential_file(checkpoint)["precision"]
     model, metadata = load_potential_file(checkpoint)
@@ -46,13 +48,23 @@ def export_potential(checkpoint: str, test_file: str, output: str, name: str | N
         from .int8_model import convert_to_int8, set_activation_limbs
 
         model, precision = set_activation_limbs(convert_to_int8(model), activation_limbs), "int8"
-    test = load_rmd17(test_file)
+        quant = dict(metadata.get("quantization") or {})  # the QAT options: keep its limbs under their own name
+        quant["qat_activation_limbs"] = quant.pop("activation_limbs", 1)
+        metadata = {**metadata, "quantization": quant}
+    test = load_frames(test_file, energy_key=energy_key, forces_key=forces_key)
     energy, forces = predict_frames(model, test)
     errors = error_metrics(test, energy, forces)
     errors.update({"file": os.path.basename(test.source), "sha256": test.sha256})
     first = test.subset(range(min(SUBSET_FRAMES, len(test))))
     errors["first_frames"] = error_metrics(first, energy[:len(first)], forces[:len(first)])
     metadata = dict(metadata)
+    init = (metadata.get("training_config") or {}).get("init_from")
+    if init and os.path.isfile(init):  # read before writing: a restart may overwrite the file it began from
+        start = read_potential_file(init)["metadata"]
+        metadata["initialised_from"] = {
+            "name": start.get("name"), "sha256": file_sha256(init), "epochs": start.get("epochs"),
+            "training_minutes": start.get("training_minutes"), "initialised_from": start.get("initialised_from"),
+        }
     metadata.update({
         "name": name or os.path.splitext(os.path.basename(output))[0],
         "test_errors": errors,
@@ -69,16 +81,18 @@ def export_potential(checkpoint: str, test_file: str, output: str, name: str | N
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="qeq-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="potential file written by qeq-train (RUN/best.pt)")
-    parser.add_argument("test_file", help="rMD17 test .npz file; every frame is evaluated")
+    parser.add_argument("test_file", help="rMD17 test .npz or extended XYZ file; every frame is evaluated")
     parser.add_argument("-o", "--output", required=True, help="output potential file, e.g. potentials/aspirin_fp32.pt")
     parser.add_argument("--name", default=None, help="potential name recorded in the metadata")
     parser.add_argument("--int8", action="store_true",
                         help="convert a QAT checkpoint to the real int8 model (int8 weights, integer kernels)")
     parser.add_argument("--activation-limbs", type=int, choices=(1, 2), default=2,
                         help="--int8: int8 codes per activation, 2 (smooth energy, for MD) or 1 (W8A8)")
+    parser.add_argument("--energy-key", default="energy", help="extended XYZ test file: energy key")
+    parser.add_argument("--forces-key", default="forces", help="extended XYZ test file: forces key")
     args = parser.parse_args(argv)
     metadata = export_potential(args.checkpoint, args.test_file, args.output, args.name, args.int8,
-                                args.activation_limbs)
+                                args.activation_limbs, args.energy_key, args.forces_key)
     print(json.dumps({"output": args.output, "test_errors": metadata["test_errors"]}, indent=2))
 
 

@@ -57,7 +57,7 @@ import torch
 from e3nn import o3
 from torch import nn
 
-from .quantizers import (TINY, LSQQuantizer, MDDQQuantizer, fake_quantize_per_atom, lsq_fake_quantize,
+from .quantizers import (TINY, LSQQuantizer, MDDQQuantizer, fake_quantize_limbs, fake_quantize_per_atom,
                          per_atom_scale, quantize_weight)
 
 BACKENDS = ("auto", "cpp", "eager")
@@ -67,17 +67,6 @@ ACTIVATION_LIMBS = (1, 2)
 EXTENSION_NAME = "qeq_int8_kernels"
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_kernels.cpp"
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
-
-
-def fake_quantize_limbs(x: torch.Tensor, step: torch.Tensor, qmax: int, limbs: int) -> torch.Tensor:
-    """Float value of the int8 input codes: ``step * round(y)`` (1 limb) or ``step * (hi + lo / (2 qmax))``
-    (2 limbs), ``y = clamp(x / step, -qmax, qmax)``; with LSQ's straight-through gradient."""
-    if limbs == 1:
-        return lsq_fake_quantize(x, step, qmax, qmax)
-    y = torch.clamp(x / step, -qmax, qmax)
-    hi = torch.round(y)
-    value = (hi + torch.round((y - hi) * (2.0 * qmax)) / (2.0 * qmax)) * step
-    return y * step + (value - y * step).detach()
 
 
 # ---------------------------------------------------------------------------------------

@@ -100,6 +100,7 @@ class QATVectorLinear(VectorLinear):
         self.weight_bits, self.activation_bits, self.per_channel = weight_bits, activation_bits, per_channel
         self.requantize_per_atom = requantize_per_atom
         self.enabled = True
+        self.limbs = 1  # 2: the two-limb per-atom grid (set_activation_limbs)
         # None: MDDQ (per-atom scheme) or the naive per-tensor quantizer
         default = MDDQQuantizer if requantize_per_atom else NaiveQuantizer
         self.input_quantizer = input_quantizer or default(activation_bits, branch="vector")
@@ -113,7 +114,7 @@ class QATVectorLinear(VectorLinear):
         if self.input_quantizer is not None:
             v = self.input_quantizer(v)
         if self.enabled and self.requantize_per_atom:
-            v = fake_quantize_per_atom(v, self.activation_bits)
+            v = fake_quantize_per_atom(v, self.activation_bits, self.limbs)
         return nn.functional.linear(v, self.effective_weight())
 
     def extra_repr(self) -> str:
@@ -205,6 +206,23 @@ def set_quantization(model: nn.Module, scalar: bool | None = None, vector: bool 
         if wanted[module.branch] is not None:
             module.enabled = bool(wanted[module.branch])
     return quantization_state(model)
+
+
+def set_activation_limbs(model: nn.Module, limbs: int) -> nn.Module:
+    """Fake-quantize activations as the int8 layers with ``limbs`` input codes do; returns ``model``.
+
+    ``1``: the paper's W8A8 grids (LSQ scalars, MDDQ vectors, per-atom vector GEMM input).
+    ``2``: what an int8 file exported with ``--activation-limbs 2`` computes: the two-limb
+    grid (:func:`qeq_ase.quantizers.fake_quantize_limbs`) on every GEMM input and no MDDQ
+    rounding, so that quantization-aware training adapts the weights to the arithmetic they
+    will run with (see :func:`qeq_ase.int8_model.set_activation_limbs`).
+    """
+    if limbs not in (1, 2):
+        raise ValueError(f"activation limbs must be 1 or 2, not {limbs!r}")
+    for module in model.modules():
+        if isinstance(module, (LSQQuantizer, MDDQQuantizer, QATVectorLinear)):
+            module.limbs = limbs
+    return model
 
 
 def quantization_state(model: nn.Module) -> dict:

@@ -97,6 +97,17 @@ def lsq_fake_quantize(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> 
     return round_ste(torch.clamp(x / step, -qn, qp)) * step
 
 
+def fake_quantize_limbs(x: torch.Tensor, step: torch.Tensor, qmax: int, limbs: int) -> torch.Tensor:
+    """Float value of the int8 input codes: ``step * round(y)`` (1 limb) or ``step * (hi + lo / (2 qmax))``
+    (2 limbs), ``y = clamp(x / step, -qmax, qmax)``; with LSQ's straight-through gradient."""
+    if limbs == 1:
+        return lsq_fake_quantize(x, step, qmax, qmax)
+    y = torch.clamp(x / step, -qmax, qmax)
+    hi = torch.round(y)
+    value = (hi + torch.round((y - hi) * (2.0 * qmax)) / (2.0 * qmax)) * step
+    return y * step + (value - y * step).detach()
+
+
 def lsq_codes(x: torch.Tensor, step: float, qn: int, qp: int) -> torch.Tensor:
     """The integer codes behind :func:`lsq_fake_quantize` (float tensor of integers)."""
     return torch.clamp(torch.round(x / step), -qn, qp)
@@ -156,6 +167,8 @@ class LSQQuantizer(nn.Module):
         enabled: quantize (True) or pass ``x`` through unchanged (False).
         calibrating: initialise the step if needed and return ``x`` unchanged.
         branch: ``"scalar"`` or ``"vector"``, for :func:`qeq_ase.qat.set_quantization`.
+        limbs: 1, or 2 for the two-limb grid of the int8 layers (signed quantizers only;
+            :func:`fake_quantize_limbs`, :func:`qeq_ase.qat.set_activation_limbs`).
     """
 
     def __init__(self, bits: int = 8, signed: bool = True, branch: str = "scalar",
@@ -171,6 +184,7 @@ class LSQQuantizer(nn.Module):
         self.step = nn.Parameter(torch.zeros(()))  # units of x; 0 = not initialised
         self.enabled = True
         self.calibrating = False
+        self.limbs = 1
 
     @property
     def initialized(self) -> bool:
@@ -211,6 +225,8 @@ class LSQQuantizer(nn.Module):
             return x
         g = 1.0 / math.sqrt(max(x.numel(), 1) * self.qp)
         step = grad_scale(self.step, g).abs()
+        if self.limbs == 2:
+            return fake_quantize_limbs(x, step.to(x.dtype), self.qp, 2)
         return lsq_fake_quantize(x, step.to(x.dtype), self.qn, self.qp)
 
     def extra_repr(self) -> str:
@@ -250,7 +266,9 @@ class MDDQQuantizer(nn.Module):
       direction code has neither a NaN value nor a NaN gradient.
 
     Gradients are straight-through: in ``u`` (the rounding of ``c``), and LSQ in ``r``.
-    ``eps`` is in the units of ``h``; it only matters for ``|h| < ~10 eps``.
+    ``eps`` is in the units of ``h``; it only matters for ``|h| < ~10 eps``. With
+    ``limbs = 2`` the quantizer still calibrates its step but passes ``h`` through, as the
+    two-limb int8 layers do (their per-atom input grid replaces MDDQ).
     """
 
     def __init__(self, bits: int = 8, eps: float = 1e-6, branch: str = "vector",
@@ -259,6 +277,7 @@ class MDDQQuantizer(nn.Module):
         self.bits, self.eps, self.branch = bits, eps, branch
         self.direction_levels = 2 ** (bits - 1) - 1  # 127: direction step 1/127 on [-1, 1]
         self.magnitude = LSQQuantizer(bits, signed=False, branch=branch, init=init, percentile=percentile)
+        self.limbs = 1
 
     # enabled / calibrating are those of the magnitude quantizer: one switch per module
     @property
@@ -293,7 +312,7 @@ class MDDQQuantizer(nn.Module):
             self.magnitude.initialize(torch.sqrt((h.detach() ** 2).sum(dim=1)))
             if not self.initialized:
                 return h
-        if self.calibrating:
+        if self.calibrating or self.limbs == 2:
             return h
         r = torch.sqrt((h * h).sum(dim=1, keepdim=True) + self.eps ** 2)  # [N, 1, F]
         r_q = self.magnitude(r)
@@ -306,16 +325,18 @@ class MDDQQuantizer(nn.Module):
         return f"{self.bits}-bit magnitude (unsigned, learned step), direction step 1/{self.direction_levels}"
 
 
-def fake_quantize_per_atom(v: torch.Tensor, bits: int = 8) -> torch.Tensor:
+def fake_quantize_per_atom(v: torch.Tensor, bits: int = 8, limbs: int = 1) -> torch.Tensor:
     """Re-quantize vectors ``[N, 3, F]`` with one rotation-invariant scale per atom.
 
     ``scale[n] = max_f |v[n, :, f]| / 127``: the largest vector length of the atom, which a
     rotation does not change (a max over x/y/z components would). This is the int8 input
     of the vector GEMM (:class:`qeq_ase.int8_linear.Int8VectorLinear`); the gradient is the
-    identity (the scale is detached and nothing is clipped).
+    identity (the scale is detached and nothing is clipped). ``limbs=2``: the two-limb grid.
     """
     _, qp = qrange(bits, signed=True)
     scale = per_atom_scale(v, qp)
+    if limbs == 2:
+        return fake_quantize_limbs(v, scale, qp, 2)
     y = v / scale
     return (y + (torch.round(y).clamp(-qp, qp) - y).detach()) * scale
 

@@ -34,7 +34,7 @@ import yaml
 from tqdm import tqdm
 
 from .checkpoint import load_potential_file, save_potential
-from .dataset import Frames, load_rmd17, train_val_split
+from .dataset import Frames, load_frames, train_val_split
 from .energy_reference import fit_reference_energies
 from .evaluate import evaluate
 from .graph import molecules_to_graph
@@ -45,7 +45,7 @@ from .model import ModelConfig, QEqModel
 class TrainConfig:
     """Options of a training run (the YAML config file holds these keys)."""
 
-    train_file: str
+    train_file: str                                     # rMD17 .npz or extended XYZ (eV, eV/Å)
     output_dir: str = "runs/aspirin_fp32"
     n_val: int = 50
     n_train: int | None = None                          # None: every frame not used for validation
@@ -66,6 +66,8 @@ class TrainConfig:
     init_from: str | None = None                        # potential file to start from (fine-tuning)
     quantization: dict | None = None                    # QAT options, see QuantizationConfig
     device: str = "cpu"
+    energy_key: str = "energy"                          # extended XYZ keys (e.g. MACE's REF_energy)
+    forces_key: str = "forces"
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
@@ -89,6 +91,8 @@ class QuantizationConfig:
         vector_start_epoch: same for the vector branch (the warm-up of branch separation).
         calibration_batches: float batches that set the activation steps before training.
         weight_bits, activation_bits: bit widths.
+        activation_limbs: 1 (W8A8 fake quantization, the paper's) or 2 (the two-limb inputs
+            that ``qeq-export --int8`` ships by default; :func:`qeq_ase.qat.set_activation_limbs`).
     """
 
     scheme: str = "full"
@@ -97,6 +101,7 @@ class QuantizationConfig:
     calibration_batches: int = 4
     weight_bits: int = 8
     activation_bits: int = 8
+    activation_limbs: int = 1
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantizationConfig":
@@ -141,7 +146,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
 
-        frames = load_rmd17(cfg.train_file)
+        frames = load_frames(cfg.train_file, energy_key=cfg.energy_key, forces_key=cfg.forces_key)
         train_idx, val_idx = train_val_split(len(frames), cfg.n_val, cfg.split_seed)
         if cfg.n_train is not None:
             if not 0 < cfg.n_train <= len(train_idx):
@@ -173,11 +178,12 @@ class Trainer:
 
     def _to_qat(self, float_model: QEqModel) -> QEqModel:
         """The QAT twin of ``float_model`` with its activation steps calibrated on float batches."""
-        from .qat import calibration, convert_to_qat
+        from .qat import calibration, convert_to_qat, set_activation_limbs
 
         q = self.quant
         model = convert_to_qat(float_model, q.scheme, scalar=False, vector=False,
                                weight_bits=q.weight_bits, activation_bits=q.activation_bits).to(self.device)
+        set_activation_limbs(model, q.activation_limbs)
         rng = np.random.default_rng(self.cfg.seed)
         with calibration(model):
             for _ in range(q.calibration_batches):

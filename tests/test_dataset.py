@@ -1,11 +1,12 @@
-"""rMD17 loading: units, HDF5 cache, split, and errors for bad files."""
+"""Reference data: rMD17 units, HDF5 cache, split, extended XYZ, and errors for bad files."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from qeq_ase.dataset import DatasetError, load_rmd17, read_rmd17_npz, rmd17_path, train_val_split
+from qeq_ase.dataset import (DatasetError, Frames, load_frames, load_rmd17, read_extxyz, read_rmd17_npz, rmd17_path,
+                              train_val_split, write_extxyz)
 from qeq_ase.units import KCAL_PER_MOL_IN_EV
 
 RMD17_DIR = Path(__file__).resolve().parents[2] / "shared" / "rmd17"
@@ -71,3 +72,67 @@ def test_rmd17_path_rejects_unknown_molecule():
     assert rmd17_path("aspirin", "train", "/d").name == "rmd17_aspirin_train_01.npz"
     with pytest.raises(ValueError, match="unknown rMD17 molecule 'asprin'"):
         rmd17_path("asprin", "train", "/d")
+
+
+def _water_frames(n: int = 3) -> Frames:
+    rng = np.random.default_rng(0)
+    positions = np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]]) + rng.normal(0, 0.02, (n, 3, 3))
+    return Frames(np.array([8, 1, 1]), positions, rng.normal(-2080.0, 0.1, n), rng.normal(0, 1, (n, 3, 3)))
+
+
+def test_extxyz_round_trip_keeps_ev_and_goes_through_the_cache(tmp_path):
+    frames = _water_frames()
+    path = write_extxyz(frames, tmp_path / "water.extxyz")
+    read = load_frames(path, cache_dir=tmp_path / "cache")
+    np.testing.assert_allclose(read.energy, frames.energy, rtol=0, atol=1e-9)  # eV stays eV
+    np.testing.assert_allclose(read.forces, frames.forces, rtol=0, atol=1e-7)  # %.8f text
+    np.testing.assert_allclose(read.positions, frames.positions, rtol=0, atol=1e-7)
+    assert read.numbers.tolist() == [8, 1, 1] and len(read.sha256) == 64
+    assert len(list((tmp_path / "cache").glob("*.h5"))) == 1
+    np.testing.assert_array_equal(load_frames(path, cache_dir=tmp_path / "cache").energy, read.energy)
+
+
+def test_extxyz_custom_keys_like_mace(tmp_path):
+    from ase import Atoms
+    from ase.io import write
+
+    frames = _water_frames(2)
+    images = []
+    for pos, e, f in zip(frames.positions, frames.energy, frames.forces):
+        atoms = Atoms(numbers=frames.numbers, positions=pos)
+        atoms.info["REF_energy"], atoms.arrays["REF_forces"] = float(e), f
+        images.append(atoms)
+    write(tmp_path / "ref.xyz", images, format="extxyz")
+    with pytest.raises(DatasetError, match="no 'energy' or 'forces'.*REF_energy"):
+        read_extxyz(tmp_path / "ref.xyz")
+    read = read_extxyz(tmp_path / "ref.xyz", energy_key="REF_energy", forces_key="REF_forces")
+    np.testing.assert_allclose(read.forces, frames.forces, atol=1e-7)
+
+
+def test_extxyz_rejects_mixed_molecules_periodic_cells_and_nan(tmp_path):
+    from ase.io import read, write
+
+    path = write_extxyz(_water_frames(), tmp_path / "w.extxyz")
+    images = read(path, index=":")
+    images[1] = images[1][[1, 0, 2]]  # same atoms, other order
+    write(tmp_path / "mixed.extxyz", images)
+    with pytest.raises(DatasetError, match="frame 1 has other atoms"):
+        read_extxyz(tmp_path / "mixed.extxyz")
+    images = read(path, index=":")
+    images[2].cell, images[2].pbc = np.eye(3) * 10, True
+    write(tmp_path / "pbc.extxyz", images)
+    with pytest.raises(DatasetError, match="frame 2 is periodic"):
+        read_extxyz(tmp_path / "pbc.extxyz")
+    frames = _water_frames()
+    frames.positions[0, 1, 2] = np.nan
+    write_extxyz(frames, tmp_path / "nan.extxyz")
+    with pytest.raises(DatasetError, match="NaN"):
+        read_extxyz(tmp_path / "nan.extxyz")
+
+
+def test_load_frames_names_unknown_formats(tmp_path):
+    (tmp_path / "data.csv").write_text("x")
+    with pytest.raises(DatasetError, match="unknown data format '.csv'"):
+        load_frames(tmp_path / "data.csv")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_frames(tmp_path / "absent.extxyz")

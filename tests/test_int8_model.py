@@ -123,6 +123,23 @@ def test_int8_model_matches_the_qat_model(models):
     assert rms(out["forces"] - ref["forces"]) < INT8_VS_QAT_RTOL * rms(ref["forces"])
 
 
+def test_two_limb_qat_model_matches_the_two_limb_int8_model(models):
+    """QAT with ``activation_limbs: 2`` trains on the arithmetic the shipped int8 file runs."""
+    from qeq_ase.qat import set_activation_limbs as set_qat_limbs
+
+    _, qat, model = models
+    positions = molecules(3, seed=1)
+    w8a8 = predict(qat, positions)
+    try:  # the fixtures are shared: switch them back afterwards
+        ref, out = predict(set_qat_limbs(qat, 2), positions), predict(set_activation_limbs(model, 2), positions)
+    finally:
+        set_qat_limbs(qat, 1), set_activation_limbs(model, 1)
+    assert (out["energy"] - ref["energy"]).abs().max() < INT8_VS_QAT_RTOL
+    assert rms(out["forces"] - ref["forces"]) < INT8_VS_QAT_RTOL * rms(ref["forces"])
+    # and it is not the W8A8 model: the grids differ by far more than the tolerance
+    assert (w8a8["energy"] - ref["energy"]).abs().max() > 10 * INT8_VS_QAT_RTOL
+
+
 def test_forward_runs_int8_gemms_and_never_a_dequantized_float_layer(models, monkeypatch):
     _, _, model = models
     for cls in (Int8ScalarLinear, Int8VectorLinear):
