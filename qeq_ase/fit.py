@@ -54,7 +54,8 @@ def _train(cfg: TrainConfig) -> Path:
     Trainer(cfg, resume=resume).run()
     best = out / "best.pt"
     if not best.is_file():
-        raise RuntimeError(f"{out}: training ended without a best model (too short a budget?)")
+        raise RuntimeError(f"{out}: training ended without a best model; a QAT stage keeps only epochs after "
+                           f"its vector warm-up (vector_start_epoch), so give it a longer budget")
     return best
 
 

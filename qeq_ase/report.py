@@ -168,7 +168,8 @@ def render_markdown(results: dict, settings: dict, figure_names: list[str]) -> s
         published = [f"{PUBLISHED_RMD17[m][molecule][0]} / {PUBLISHED_RMD17[m][molecule][1]}"
                      for m in ("MACE", "Allegro", "NequIP")]
         lines.append(f"| {molecule} | {cells[0]} | {cells[1]} | {_fmt(ratio, 2)} | {ok} | " + " | ".join(published) + " |")
-    lines += ["", f"Published figures: {SOURCE}; transcribed by hand (see `qeq_ase/published_rmd17.py`).", ""]
+    lines += ["", f"Published figures: {SOURCE}; typed in by hand and not re-checked against the paper's "
+              "text on this project's machines (`qeq_ase/published_rmd17.py`): check before citing them.", ""]
     if missing:
         lines += [f"Not shipped yet (no `_fp32` or `_int8` file): {', '.join(missing)}.", ""]
     lines += [
@@ -204,8 +205,12 @@ def render_markdown(results: dict, settings: dict, figure_names: list[str]) -> s
 
 
 def plot_forces(results: dict, path: Path) -> bool:
-    """Grouped bars of force MAE per molecule: ours fp32 and INT8 beside the published models."""
-    import matplotlib
+    """Grouped bars of force MAE per molecule: ours fp32 and INT8 beside the published models
+    (False if there is nothing to plot or matplotlib, the ``plot`` extra, is missing)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

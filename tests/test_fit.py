@@ -90,3 +90,15 @@ def test_report_tables_the_files_and_reuses_unchanged_measurements(fitted, rmd17
     measured.clear()
     write_report(output, rmd17_dir, settings, files["fp32"].parent, log=measured.append)
     assert measured == []  # same files, same settings: nothing measured again
+
+
+def test_training_totals_follow_float_restarts_but_not_into_qat():
+    from qeq_ase.report import training_totals
+
+    first = {"epochs": 139, "training_minutes": 100.1, "initialised_from": None}
+    restart = {"epochs": 160, "training_minutes": 95.0, "training_config": {"quantization": None},
+               "initialised_from": first}
+    assert training_totals(restart) == {"epochs": 299, "training_minutes": 195.1}
+    qat = {"epochs": 25, "training_minutes": 20.0, "training_config": {"quantization": {"scheme": "full"}},
+           "initialised_from": {**restart, "initialised_from": first}}
+    assert training_totals(qat) == {"epochs": 25, "training_minutes": 20.0}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qeq_ase.dataset import load_rmd17
-from qeq_ase.evaluate import evaluate
+from qeq_ase.evaluate import error_metrics, predict_frames
 from qeq_ase.model import ModelConfig
 from qeq_ase.registry import list_potentials, load_model, potentials_dir, shipped_names
 
@@ -67,7 +67,11 @@ def test_shipped_potential_reproduces_recorded_test_errors(name):
     recorded = metadata["test_errors"]["first_frames"]
     frames = load_rmd17(path)
     assert metadata["test_errors"]["sha256"] == frames.sha256
-    measured = evaluate(model, frames.subset(np.arange(recorded["n_frames"])))
+    # the batches qeq-export used (32 frames from frame 0): a different batch shape changes the
+    # float rounding, and an int8 input code near a rounding boundary can flip with it
+    n = recorded["n_frames"]
+    energy, forces = predict_frames(model, frames.subset(np.arange(-(-n // 32) * 32)), batch_size=32)
+    measured = error_metrics(frames.subset(np.arange(n)), energy[:n], forces[:n])
     assert measured["forces_mae_meV_per_A"] == pytest.approx(recorded["forces_mae_meV_per_A"], rel=1e-3)
     assert measured["energy_mae_meV"] == pytest.approx(recorded["energy_mae_meV"], rel=1e-3, abs=1e-3)
 
