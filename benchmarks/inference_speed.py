@@ -1,7 +1,9 @@
 """Energy + forces through the ASE calculator: fp32, bf16 autocast and INT8 of one model.
 
-INT8 runs twice: with two-limb inputs (``activation_limbs=2``, the shipped setting, smooth
-energy) and as W8A8 (``activation_limbs=1``, one int8 code per input).
+INT8 runs three times: with two-limb inputs (``activation_limbs=2``, the shipped setting,
+smooth energy), as W8A8 (``activation_limbs=1``, one int8 code per input), and with two-limb
+inputs and int8 input-gradient GEMMs ("int8-bwd", ``set_backward_kernel(model, "int8")``;
+the others run the backward GEMM in fp32 with the dequantized weight).
 
     PYTHONPATH=. python benchmarks/inference_speed.py [--fp32 aspirin_fp32] [--int8 aspirin_int8]
         [--threads 1 2] [--systems 1 64 476] [--seconds 3]
@@ -17,17 +19,22 @@ share of self CPU time spent in matrix products (``aten::mm``/``addmm``/``bmm``/
 
 fp32 and INT8 load the shipped files: the same architecture, the INT8 weights being the
 quantization-aware fine-tune of the fp32 ones. bf16 is the fp32 model under
-``torch.autocast("cpu", dtype=torch.bfloat16)``. Run it on an idle machine; this script
-sets torch's thread count (a benchmark may; the library never does).
+``torch.autocast("cpu", dtype=torch.bfloat16)``. All of them run the layers' per-edge work
+in the fused C++ kernel (``qeq_ase/edge_kernel.py``); the column "fp32 eager edges" is the
+fp32 model with ``QEQ_EDGE_BACKEND=eager`` (the per-edge work as separate torch ops, as
+before the kernel existed), and "fused speed-up" is its time over fp32's. "edge share" is
+the fused kernel's share of the fp32 profile. Run it on an idle machine; this script sets
+torch's thread count and ``QEQ_EDGE_BACKEND`` (a benchmark may; the library never does).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +43,7 @@ from ase import Atoms
 
 from qeq_ase.calculator import QEqCalculator
 from qeq_ase.dataset import load_rmd17
+from qeq_ase.int8_model import set_backward_kernel
 
 RMD17 = Path(__file__).resolve().parents[2] / "shared" / "rmd17" / "rmd17_aspirin_test_01.npz"
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::_int_mm", "aten::matmul")
@@ -57,26 +65,49 @@ def copies_of_aspirin(n_copies: int, spacing: float = 20.0) -> Atoms:
     return Atoms(numbers=np.tile(frames.numbers, n_copies), positions=positions)
 
 
-def one_call(calc: QEqCalculator, atoms: Atoms, rng: np.random.Generator, autocast: bool):
+@contextmanager
+def edge_backend(name: str):
+    """Run the calculator with ``QEQ_EDGE_BACKEND=name``; restore the variable after."""
+    old = os.environ.get("QEQ_EDGE_BACKEND")
+    os.environ["QEQ_EDGE_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["QEQ_EDGE_BACKEND"]
+        else:
+            os.environ["QEQ_EDGE_BACKEND"] = old
+
+
+def int8_backward(calc: QEqCalculator) -> QEqCalculator:
+    """The calculator with int8 input-gradient GEMMs (two-limb gradients) in every int8 layer."""
+    set_backward_kernel(calc.model, "int8")
+    return calc
+
+
+def one_call(calc: QEqCalculator, atoms: Atoms, rng: np.random.Generator, autocast: bool, edges: str = "auto"):
     atoms.positions += rng.normal(scale=1e-4, size=atoms.positions.shape)
     context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
-    with context:
+    with context, edge_backend(edges):
         calc.calculate(atoms, ["energy", "forces"])
     return calc.results["forces"]
 
 
-def gemm_share(calc: QEqCalculator, atoms: Atoms, autocast: bool) -> float:
+def profile_shares(calc: QEqCalculator, atoms: Atoms, autocast: bool, edges: str = "auto") -> tuple[float, float]:
+    """Shares of self CPU time in matrix products and in the fused edge kernel."""
     rng = np.random.default_rng(0)
-    one_call(calc, atoms, rng, autocast)
+    one_call(calc, atoms, rng, autocast, edges)
     with torch.profiler.profile() as prof:
         for _ in range(3):
-            one_call(calc, atoms, rng, autocast)
-    total = gemm = 0.0
+            one_call(calc, atoms, rng, autocast, edges)
+    total = gemm = edge = 0.0
     for event in prof.key_averages():
         total += event.self_cpu_time_total
         if event.key in GEMM_OPS or "int8_linear" in event.key or "qeq_int8" in event.key:
             gemm += event.self_cpu_time_total
-    return gemm / total if total else float("nan")
+        if event.key.startswith("_EdgeAttention"):
+            edge += event.self_cpu_time_total
+    return (gemm / total, edge / total) if total else (float("nan"), float("nan"))
 
 
 def main() -> None:
@@ -88,33 +119,38 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per system, precision and thread count")
     args = parser.parse_args()
 
-    calcs = {"fp32": (QEqCalculator(args.fp32), False), "bf16": (QEqCalculator(args.fp32), True),
-             "int8": (QEqCalculator(args.int8, activation_limbs=2), False),
-             "int8 W8A8": (QEqCalculator(args.int8, activation_limbs=1), False)}
-    others = [name for name in calcs if name != "fp32"]
+    # name: (calculator, bf16 autocast, QEQ_EDGE_BACKEND)
+    calcs = {"fp32": (QEqCalculator(args.fp32), False, "auto"), "bf16": (QEqCalculator(args.fp32), True, "auto"),
+             "int8": (QEqCalculator(args.int8, activation_limbs=2), False, "auto"),
+             "int8 W8A8": (QEqCalculator(args.int8, activation_limbs=1), False, "auto"),
+             "int8 int8-bwd": (int8_backward(QEqCalculator(args.int8, activation_limbs=2)), False, "auto"),
+             "fp32 eager edges": (QEqCalculator(args.fp32), False, "eager")}
+    others = ["bf16", "int8", "int8 W8A8", "int8 int8-bwd"]
     print(f"CPU {cpu_name()}, torch {torch.__version__}")
     print("| atoms | threads | " + " | ".join(f"{name} (ms)" for name in calcs) + " | "
-          + " | ".join(f"{name} speed-up" for name in others) + " | GEMM share fp32 | GEMM share int8 |")
-    print("|---" * (2 + len(calcs) + len(others) + 2) + "|")
+          + " | ".join(f"{name} speed-up" for name in others)
+          + " | fused speed-up | GEMM share fp32 | GEMM share int8 | edge share fp32 |")
+    print("|---" * (2 + len(calcs) + len(others) + 4) + "|")
     for n_copies in args.systems:
         atoms = copies_of_aspirin(n_copies)
         for threads in args.threads:
             torch.set_num_threads(threads)
             rng = np.random.default_rng(1)
-            for calc, autocast in calcs.values():  # warm-up: kernels built, caches filled
-                one_call(calc, atoms, rng, autocast)
+            for calc, autocast, edges in calcs.values():  # warm-up: kernels built, caches filled
+                one_call(calc, atoms, rng, autocast, edges)
             times = {name: [] for name in calcs}
             start = time.perf_counter()
             while time.perf_counter() - start < args.seconds * len(calcs) or len(times["fp32"]) < 3:
-                for name, (calc, autocast) in calcs.items():
+                for name, (calc, autocast, edges) in calcs.items():
                     t0 = time.perf_counter()
-                    one_call(calc, atoms, rng, autocast)
+                    one_call(calc, atoms, rng, autocast, edges)
                     times[name].append(time.perf_counter() - t0)
             median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-            share = {name: gemm_share(*calcs[name][:1], atoms, calcs[name][1]) for name in ("fp32", "int8")}
+            shares = {name: profile_shares(calcs[name][0], atoms, *calcs[name][1:]) for name in ("fp32", "int8")}
             print(f"| {len(atoms)} | {threads} | " + " | ".join(f"{median[name]:.2f}" for name in calcs) + " | "
                   + " | ".join(f"{median['fp32'] / median[name]:.2f}" for name in others)
-                  + f" | {share['fp32']:.0%} | {share['int8']:.0%} |", flush=True)
+                  + f" | {median['fp32 eager edges'] / median['fp32']:.2f}"
+                  + f" | {shares['fp32'][0]:.0%} | {shares['int8'][0]:.0%} | {shares['fp32'][1]:.0%} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@ Two ways to turn logits into attention weights (``activation``):
   would jump from 1 to 0).
 
 Either way the envelope makes the weights vanish smoothly at ``r_c``.
+
+With an :class:`~qeq_ase.edge_kernel.EdgeCSR` (inference, softmax attention) the per-edge
+work between the GEMMs runs in the fused C++ kernel of :mod:`qeq_ase.edge_kernel`;
+without one (training, or ``QEQ_EDGE_BACKEND=eager``) it runs as the eager ops below.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import math
 import torch
 from torch import nn
 
+from .edge_kernel import EdgeCSR, edge_attention
 from .layers import LayerFactory
 
 
@@ -91,22 +96,48 @@ class EquivariantAttention(nn.Module):
         # log(1/temperature) per head; only used with normalize=True
         self.log_inv_temperature = nn.Parameter(torch.full((num_heads,), math.log(1.0 / temperature)))
 
+    def logit_scale(self) -> torch.Tensor:
+        """``[H]`` factors of the logits: ``1/temperature`` (normalised) or ``1/sqrt(F/H)``."""
+        if self.normalize:
+            return self.log_inv_temperature.clamp(max=math.log(100.0)).exp()
+        head_dim = self.num_features // self.num_heads
+        return self.log_inv_temperature.new_full((self.num_heads,), 1.0 / math.sqrt(head_dim))
+
     def attention_logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """``[E, H]`` logits from per-edge queries and keys ``[E, H, F/H]``."""
         if self.normalize:
             cos = (nn.functional.normalize(q, dim=-1) * nn.functional.normalize(k, dim=-1)).sum(-1)
-            return cos * self.log_inv_temperature.clamp(max=math.log(100.0)).exp()
+            return cos * self.logit_scale()
         return (q * k).sum(-1) / math.sqrt(q.shape[-1])
 
-    def forward(self, s, v, edge_index, edge_features, envelope, unit):
-        sender, receiver = edge_index
-        N, F, H = s.shape[0], self.num_features, self.num_heads
+    def forward(self, s, v, edge_index, edge_features, envelope, unit, csr: EdgeCSR | None = None):
+        F = self.num_features
         s_in = self.scalar_in(self.norm(s))
         v_in = self.vector_in(v)
-
-        q, k, values = self.qkv(s_in).split([F, F, 3 * F], dim=-1)
+        qkv = self.qkv(s_in)
         v1, v2, v3 = self.vector_mix(v_in).split(F, dim=-1)
-        key_filter, value_filter = self.edge_filter(edge_features).split([F, 3 * F], dim=-1)
+        filt = self.edge_filter(edge_features)
+        if csr is not None and self.activation == "softmax":
+            agg_s, agg_v = edge_attention(qkv, v_in, filt, envelope, unit, self.logit_scale(), csr, self.normalize)
+            agg_s, agg_v = agg_s.to(qkv.dtype), agg_v.to(v_in.dtype)
+        else:
+            agg_s, agg_v = self._messages(qkv, v_in, filt, edge_index, envelope, unit)
+        agg_s = self.scalar_out(agg_s)
+
+        o1, o2, o3 = self.out(agg_s).split(F, dim=-1)
+        ds = (v1 * v2).sum(dim=1) * o2 + o3
+        dv = v3 * o1[:, None, :] + agg_v
+        s = s + ds
+        if self.feed_forward:
+            s = s + self.ffn_out(nn.functional.silu(self.ffn_hidden(self.ffn_in(self.ffn_norm(s)))))
+        return s, v + dv
+
+    def _messages(self, qkv, v_in, filt, edge_index, envelope, unit):
+        """Eager per-edge work: aggregated scalar ``[N, F]`` and vector ``[N, 3, F]`` messages."""
+        sender, receiver = edge_index
+        N, F, H = qkv.shape[0], self.num_features, self.num_heads
+        q, k, values = qkv.split([F, F, 3 * F], dim=-1)
+        key_filter, value_filter = filt.split([F, 3 * F], dim=-1)
         value_filter = value_filter * envelope[:, None]
 
         # index_select, not x[index]: its backward is a fast index_add_, not index_put_
@@ -122,13 +153,4 @@ class EquivariantAttention(nn.Module):
         msg_s = (x.view(-1, H, F // H) * attn[:, :, None]).view(-1, F)          # [E, F]
         v_j = torch.index_select(v_in, 0, sender)
         msg_v = v_j * g_vec[:, None, :] + unit[:, :, None] * g_dir[:, None, :]  # [E, 3, F]
-        agg_s = self.scalar_out(scatter_sum(msg_s, receiver, N))
-        agg_v = scatter_sum(msg_v, receiver, N)
-
-        o1, o2, o3 = self.out(agg_s).split(F, dim=-1)
-        ds = (v1 * v2).sum(dim=1) * o2 + o3
-        dv = v3 * o1[:, None, :] + agg_v
-        s = s + ds
-        if self.feed_forward:
-            s = s + self.ffn_out(nn.functional.silu(self.ffn_hidden(self.ffn_in(self.ffn_norm(s)))))
-        return s, v + dv
+        return scatter_sum(msg_s, receiver, N), scatter_sum(msg_v, receiver, N)

@@ -34,7 +34,8 @@ Backward (forces): with the straight-through estimator the layer is linear in ``
 ``dL/dx = (g @ W_deq) * mask`` where ``W_deq = W_q * s_w`` and ``mask`` is LSQ's STE mask
 (0 where ``x`` was clipped). ``backward="float"`` (default) uses a cached float copy of
 ``W_deq`` and an fp32 GEMM, exact with respect to the dequantized layer;
-``backward="int8"`` quantizes ``g * s_w`` per row and reuses ``W_q`` in ``_int_mm``.
+``backward="int8"`` quantizes ``g * s_w`` per row (in as many limbs as the layer's inputs)
+and reuses ``W_q`` in ``_int_mm``.
 Double backward (``create_graph=True``) runs a differentiable float path that gives the
 same second derivatives as the fake-quantized QAT layer (the STE mask has zero derivative).
 
@@ -114,6 +115,14 @@ class EagerKernels:
         scale = y.abs().amax(dim=1).clamp_min(tiny) / qmax
         return torch.clamp(torch.round(y / scale[:, None]), -qmax, qmax).to(torch.int8), scale
 
+    @classmethod
+    def quantize_per_row_limbs(cls, x, col_scale, qmax, tiny, limbs):
+        if limbs == 1:
+            return cls.quantize_per_row(x, col_scale, qmax, tiny)
+        y = x * col_scale if col_scale is not None else x
+        scale = y.abs().amax(dim=1).clamp_min(tiny) / qmax
+        return cls.split_limbs(y / scale[:, None], qmax), scale
+
     @staticmethod
     def rescale(acc, row_scale, row_group, col_scale, bias, mask_x, mask_step, qmax, limbs=1):
         r = row_scale if row_scale.numel() == 1 else row_scale.repeat_interleave(row_group)[:, None]
@@ -148,9 +157,12 @@ class EagerKernels:
         return cls.rescale(acc, scale, 3, w_scale, None, None, 1.0, qmax, limbs)
 
     @classmethod
-    def linear_backward_int8(cls, grad, w_scale, w, x, step, qmax, tiny):
-        codes, scale = cls.quantize_per_row(grad, w_scale, 127, tiny)
-        return cls.rescale(torch._int_mm(codes, w), scale, 1, None, None, x, step, qmax)
+    def linear_backward_int8(cls, grad, w_scale, w, x, step, qmax, tiny, limbs=1):
+        codes, scale = cls.quantize_per_row_limbs(grad, w_scale, 127, tiny, limbs)
+        out = cls.rescale(torch._int_mm(codes, w), scale, 1, None, None, None, 1.0, 127, limbs)
+        if x is not None:
+            cls.ste_mask_(out, x, step, qmax)
+        return out
 
     @staticmethod
     def int8_linear(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8, limbs=1):
@@ -215,7 +227,7 @@ class _EagerInt8Linear(torch.autograd.Function):
         else:
             y, clipped = EagerKernels.linear_static_forward(x, step, qmax, w_t, w_scale, bias, limbs)
         ctx.save_for_backward(x if clipped else None, w, w_deq, w_scale)  # x only for the STE mask
-        ctx.step, ctx.qmax, ctx.backward_int8 = step, qmax, backward_int8
+        ctx.step, ctx.qmax, ctx.backward_int8, ctx.limbs = step, qmax, backward_int8, limbs
         return y
 
     @staticmethod
@@ -233,7 +245,8 @@ class _EagerInt8Linear(torch.autograd.Function):
             if masked:
                 EagerKernels.ste_mask_(gx, x, ctx.step, ctx.qmax)
         else:
-            gx = EagerKernels.linear_backward_int8(grad.contiguous(), w_scale, w, x, ctx.step, ctx.qmax, TINY)
+            gx = EagerKernels.linear_backward_int8(grad.contiguous(), w_scale, w, x, ctx.step, ctx.qmax, TINY,
+                                                   ctx.limbs)
         return (gx,) + (None,) * 10
 
 
@@ -308,7 +321,7 @@ class _Int8LinearBase(nn.Module):
     def kernel(self) -> str:
         """What runs: GEMM, quantize/rescale kernels, backward GEMM (builds the C++ kernels)."""
         backward = ("fp32 GEMM with the dequantized weight" if self.backward_kernel == "float"
-                    else "torch._int_mm with per-row int8 gradients")
+                    else f"torch._int_mm with per-row {'two-limb ' if self.activation_limbs == 2 else ''}int8 gradients")
         return (f"torch._int_mm (int8 x int8 -> int32) + {self._ops().name} quantize/rescale; "
                 f"backward: {backward}")
 

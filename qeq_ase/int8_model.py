@@ -51,7 +51,7 @@ import copy
 import torch
 from torch import nn
 
-from .int8_linear import ACTIVATION_LIMBS, Int8ScalarLinear, Int8VectorLinear, _Int8LinearBase
+from .int8_linear import ACTIVATION_LIMBS, BACKWARD_KERNELS, Int8ScalarLinear, Int8VectorLinear, _Int8LinearBase
 from .layers import FeatureObserver, ScalarLinear, VectorLinear
 from .model import ModelConfig, QEqModel
 from .qat import QATScalarLinear, QATVectorLinear, quantization_state
@@ -118,6 +118,24 @@ def set_activation_limbs(model: nn.Module, limbs: int) -> nn.Module:
     if isinstance(getattr(model, "quantization", None), dict):
         model.quantization["activation_limbs"] = limbs
         model.quantization["activation_encoding"] = ACTIVATION_ENCODINGS[limbs]
+    return model
+
+
+def set_backward_kernel(model: nn.Module, backward: str) -> nn.Module:
+    """Choose the input-gradient GEMM (forces) of every int8 layer of ``model``; returns ``model``.
+
+    ``"float"``: fp32 GEMM with the dequantized weight, exact for the straight-through
+    gradient. ``"int8"``: ``g * s_w`` quantized per row in as many limbs as the layer's
+    inputs, then ``_int_mm`` with the int8 weight: with two limbs the forces move by <0.1
+    meV/Å on aspirin (``docs/speed.md``).
+    """
+    if backward not in BACKWARD_KERNELS:
+        raise ValueError(f"backward must be one of {BACKWARD_KERNELS}, not {backward!r}")
+    if not is_int8_model(model):
+        raise ValueError("the backward kernel applies to int8 models only")
+    for module in model.modules():
+        if isinstance(module, _Int8LinearBase):
+            module.backward_kernel = backward
     return model
 
 
@@ -337,13 +355,18 @@ def state_dict_nbytes(state_dict: dict) -> int:
 FLOAT_GEMM = "float32 GEMM (torch.nn.functional.linear)"
 
 
+EDGE_KERNELS = {"cpp": "fused C++ (qeq_ase/csrc/edge_attention.cpp)", "eager": "eager torch ops"}
+
+
 def int8_kernel_report(model: nn.Module, build_kernels: bool = True) -> dict:
     """Every GEMM layer of ``model`` with the kernel it runs, and the counts.
 
     Returns ``{"layers": {path: {"kind", "shape", "kernel"}}, "int8_gemm_layers": n,
-    "float_gemm_layers": m, "float_quantizers": [paths]}``. ``float_quantizers`` are the
-    fake quantizers computed in float (MDDQ of ``vector_in``). ``build_kernels=False`` does
-    not build the C++ kernels (the kernel of int8 layers then reads ``backend=...``).
+    "float_gemm_layers": m, "float_quantizers": [paths], "edge_messages": backend}``.
+    ``float_quantizers`` are the fake quantizers computed in float (MDDQ of ``vector_in``);
+    ``edge_messages`` says what runs the per-edge attention work at inference (the fused C++
+    kernel of :mod:`qeq_ase.edge_kernel`, or eager torch). ``build_kernels=False`` builds
+    no C++ kernels (int8 layers then report ``backend=...``, the edge work "not built").
     """
     layers, n_int8, n_float, quantizers = {}, 0, 0, []
     for path, m in model.named_modules():
@@ -358,5 +381,8 @@ def int8_kernel_report(model: nn.Module, build_kernels: bool = True) -> dict:
             n_float += 1
         elif isinstance(m, (LSQQuantizer, MDDQQuantizer)) and not path.endswith(".magnitude"):
             quantizers.append(path)
+    edges = "not built"
+    if build_kernels and hasattr(model, "edge_backend"):
+        edges = EDGE_KERNELS[model.edge_backend()]
     return {"layers": layers, "int8_gemm_layers": n_int8, "float_gemm_layers": n_float,
-            "float_quantizers": quantizers}
+            "float_quantizers": quantizers, "edge_messages": edges}

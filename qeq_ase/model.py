@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .attention import EquivariantAttention, scatter_sum
+from .edge_kernel import EdgeCSR, edge_backend, receiver_order
 from .layers import LayerFactory
 from .radial import RadialBasis, cosine_cutoff
 
@@ -134,8 +135,19 @@ class QEqModel(nn.Module):
         return index
 
     def forward(self, positions: torch.Tensor, species: torch.Tensor, edge_index: torch.Tensor,
-                edge_shift: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-atom interaction energies in eV ``[N]`` (no reference energies)."""
+                edge_shift: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
+        """Per-atom interaction energies in eV ``[N]`` (no reference energies).
+
+        ``fused=True`` runs the layers' per-edge work in the fused C++ kernel
+        (:mod:`qeq_ase.edge_kernel`: CPU, first-order gradients only).
+        """
+        csr = None
+        if fused:
+            order = receiver_order(edge_index)
+            if order is not None:
+                edge_index = edge_index[:, order]
+                edge_shift = edge_shift[order] if edge_shift is not None else None
+            csr = EdgeCSR.from_sorted_edges(edge_index, positions.shape[0])
         sender, receiver = edge_index
         vec = torch.index_select(positions, 0, sender) - torch.index_select(positions, 0, receiver)
         if edge_shift is not None:
@@ -151,7 +163,7 @@ class QEqModel(nn.Module):
             s = self.neighbor_embedding(s, species, edge_index, basis, envelope)
         v = s.new_zeros(s.shape[0], 3, s.shape[1])
         for layer in self.layers:
-            s, v = layer(s, v, edge_index, edge_features, envelope, unit)
+            s, v = layer(s, v, edge_index, edge_features, envelope, unit, csr)
         h = self.readout_in(self.readout_norm(s))
         out = self.readout_out(nn.functional.silu(self.readout_hidden(h))).squeeze(-1)
         return out * self.energy_scale
@@ -162,17 +174,25 @@ class QEqModel(nn.Module):
         """Energies (eV, float64 ``[num_graphs]``), forces (eV/Å ``[N, 3]``), per-atom energies.
 
         ``training=True`` keeps the graph of the force computation so a loss on forces can
-        be back-propagated (double backward).
+        be back-propagated (double backward) and runs the eager layers; otherwise, on the
+        CPU, the per-edge work runs in the fused kernel (:mod:`qeq_ase.edge_kernel`).
         """
         if not positions.requires_grad:
             positions = positions.detach().requires_grad_(True)
+        fused = not training and positions.device.type == "cpu" and self.edge_backend() == "cpp"
         with torch.enable_grad():
-            atomic = self.forward(positions, species, edge_index, edge_shift)
+            atomic = self.forward(positions, species, edge_index, edge_shift, fused=fused)
             grad, = torch.autograd.grad(atomic.sum(), positions, create_graph=training)
         atomic64 = atomic.to(torch.float64) + self.reference_energy[species]
         energy = scatter_sum(atomic64, batch, num_graphs)
         return {"energy": energy, "forces": -grad, "energies": atomic64,
                 "interaction_energy": scatter_sum(atomic, batch, num_graphs)}
+
+    def edge_backend(self) -> str:
+        """What runs the layers' per-edge work at inference: ``"cpp"`` (fused) or ``"eager"``."""
+        if not any(layer.activation == "softmax" for layer in self.layers):
+            return "eager"
+        return edge_backend()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

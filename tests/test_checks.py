@@ -45,8 +45,8 @@ def test_tiny_model_equivariance_regression(aspirin_frames, dtype):
 class ExternalField(QEqModel):
     """Adds a uniform field along x: E += 0.01 eV/Å * sum_i x_i. Neither rotation nor translation invariant."""
 
-    def forward(self, positions, species, edge_index, edge_shift=None):
-        return super().forward(positions, species, edge_index, edge_shift) + 0.01 * positions[:, 0]
+    def forward(self, positions, species, edge_index, edge_shift=None, **kwargs):
+        return super().forward(positions, species, edge_index, edge_shift, **kwargs) + 0.01 * positions[:, 0]
 
 
 def test_checker_detects_broken_symmetry(aspirin_frames):

@@ -4,7 +4,8 @@ input gradients (forces), double backward, rotation-invariant vector grids.
 Tolerances: the int8 GEMM is exact (int32 accumulation), so the int8 layer and its
 dequantized float reference differ only by float32 rounding of the rescale (~1e-6
 relative). ``backward="int8"`` also quantizes the output gradient per row to 8 bits:
-about 0.4% relative error (bound 2%).
+about 0.4% relative error (bound 2%); with two-limb activations the gradient is carried
+in two limbs too, ~254x finer (bound 1e-4).
 """
 
 import pytest
@@ -18,6 +19,7 @@ from qeq_ase.quantizers import LSQQuantizer, fake_quantize_per_atom, lsq_codes
 
 FLOAT_RTOL = 1e-5     # int8 layer vs dequantized float32 reference (rounding of the rescale)
 INT8_GRAD_RTOL = 2e-2  # backward="int8": per-row 8-bit gradients
+TWO_LIMB_GRAD_RTOL = 1e-4  # backward="int8" with two limbs
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,6 +77,9 @@ def test_cpp_and_eager_kernels_agree_bitwise():
     cs = torch.rand(20)
     for a, b in zip(cpp.quantize_per_row(x, cs, 127, 1e-30), EagerKernels.quantize_per_row(x, cs, 127, 1e-30)):
         assert torch.equal(a, b)
+    for a, b in zip(cpp.quantize_per_row_limbs(x, cs, 127, 1e-30, 2),
+                    EagerKernels.quantize_per_row_limbs(x, cs, 127, 1e-30, 2)):
+        assert torch.equal(a, b)
     acc, rs, bias = torch.randint(-50000, 50000, (37, 20), dtype=torch.int32), torch.rand(1), torch.randn(20)
     assert torch.equal(cpp.rescale(acc, rs, 1, cs, bias, x, 0.01, 127, 1),
                        EagerKernels.rescale(acc, rs, 1, cs, bias, x, 0.01, 127, 1))
@@ -94,6 +99,23 @@ def test_scalar_input_gradient_matches_dequantized_layer(backward, clip, backend
     assert rel_err(xi.grad, xr.grad) < (FLOAT_RTOL if backward == "float" else INT8_GRAD_RTOL)
     clipped = (x / layer.input_step_value).abs() > 127
     assert (xi.grad[clipped] == 0).all() and (clipped.any() or not clip)  # STE: clipped inputs get 0
+
+
+@pytest.mark.parametrize("backend", ["cpp", "eager"])
+@pytest.mark.parametrize("clip", [False, True])
+def test_two_limb_int8_backward_is_nearly_exact(clip, backend):
+    """With two-limb activations the int8 backward carries ``g * s_w`` in two limbs as well."""
+    layer = Int8ScalarLinear.from_qat(qat_scalar(clip=clip), backward="int8", backend=backend)
+    layer.set_activation_limbs(2)
+    vector = Int8VectorLinear.from_qat(qat_vector(), backward="int8", backend=backend)
+    vector.set_activation_limbs(2)
+    torch.manual_seed(3)
+    for lay, x, g in ((layer, torch.randn(300, 32), torch.randn(300, 24)),
+                      (vector, torch.randn(20, 3, 32), torch.randn(20, 3, 24))):
+        xi, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        lay(xi).backward(g)
+        lay.reference_forward(xr).backward(g)
+        assert rel_err(xi.grad, xr.grad) < TWO_LIMB_GRAD_RTOL
 
 
 def test_gradient_is_the_finite_difference_of_the_straight_through_surrogate():

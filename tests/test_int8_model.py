@@ -31,7 +31,7 @@ from qeq_ase.equivariance import check_equivariance
 from qeq_ase.graph import molecules_to_graph
 from qeq_ase.int8_linear import Int8ScalarLinear, Int8VectorLinear
 from qeq_ase.int8_model import (build_int8_model, convert_to_int8, int8_kernel_report, int8_model_skeleton,
-                                int8_state_dict, set_activation_limbs, state_dict_nbytes)
+                                int8_state_dict, set_activation_limbs, set_backward_kernel, state_dict_nbytes)
 from qeq_ase.layers import FeatureObserver
 from qeq_ase.model import ModelConfig, QEqModel
 from qeq_ase.qat import (QATScalarLinear, QATVectorLinear, calibration, convert_to_qat, quantization_state,
@@ -138,6 +138,23 @@ def test_two_limb_qat_model_matches_the_two_limb_int8_model(models):
     assert rms(out["forces"] - ref["forces"]) < INT8_VS_QAT_RTOL * rms(ref["forces"])
     # and it is not the W8A8 model: the grids differ by far more than the tolerance
     assert (w8a8["energy"] - ref["energy"]).abs().max() > 10 * INT8_VS_QAT_RTOL
+
+
+def test_two_limb_int8_backward_gives_the_float_backward_forces(models):
+    """``set_backward_kernel(model, "int8")``: forces through int8 input-gradient GEMMs."""
+    _, _, model = models
+    positions = molecules(2, seed=4)
+    try:
+        set_activation_limbs(model, 2)
+        ref = predict(model, positions)
+        out = predict(set_backward_kernel(model, "int8"), positions)
+        assert "two-limb int8 gradients" in int8_kernel_report(model)["layers"]["layers.0.qkv"]["kernel"]
+    finally:
+        set_backward_kernel(model, "float"), set_activation_limbs(model, 1)
+    assert torch.equal(out["energy"], ref["energy"])  # the forward is untouched
+    assert rms(out["forces"] - ref["forces"]) < 1e-4 * rms(ref["forces"])
+    with pytest.raises(ValueError, match="backward must be one of"):
+        set_backward_kernel(model, "bf16")
 
 
 def test_forward_runs_int8_gemms_and_never_a_dequantized_float_layer(models, monkeypatch):

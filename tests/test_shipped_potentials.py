@@ -56,6 +56,7 @@ def test_aspirin_int8_is_shipped_real_int8_and_small():
     model, _ = load_model("aspirin_int8")
     report = int8_kernel_report(model)
     assert report["int8_gemm_layers"] == 6 * model.config.num_layers + 3 and report["float_gemm_layers"] == 2
+    assert report["edge_messages"].startswith("fused C++")
 
 
 @pytest.mark.parametrize("name", ["aspirin_fp32", "aspirin_int8"])

@@ -182,12 +182,15 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_atom(const at::Tensor& v, int64_
 }
 
 // Dynamic per-row quantization of y = x * col_scale (col_scale optional), x [M, K]:
-//   scale[m] = max(max_k |y[m, k]|, tiny) / qmax,   codes = round(y / scale[m]).
+//   scale[m] = max(max_k |y[m, k]|, tiny) / qmax,   codes = round(y / scale[m]);
+// limbs = 2: codes [2M, K], interleaved (hi, lo) rows as in quantize_static_limbs.
 // Used for the int8 backward: g * s_w quantized per row, then _int_mm with W_q.
-std::tuple<at::Tensor, at::Tensor> quantize_per_row(const at::Tensor& x, const c10::optional<at::Tensor>& col_scale,
-                                                    int64_t qmax, double tiny) {
+std::tuple<at::Tensor, at::Tensor> quantize_per_row_limbs(const at::Tensor& x,
+                                                          const c10::optional<at::Tensor>& col_scale, int64_t qmax,
+                                                          double tiny, int64_t limbs) {
   check_float(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  TORCH_CHECK(limbs == 1 || limbs == 2, "limbs must be 1 or 2");
   const int64_t M = x.size(0), K = x.size(1);
   const float* cs = nullptr;
   if (col_scale.has_value()) {
@@ -195,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_row(const at::Tensor& x, const c
     TORCH_CHECK(col_scale->numel() == K, "col_scale must have K elements");
     cs = col_scale->data_ptr<float>();
   }
-  auto codes = at::empty({M, K}, x.options().dtype(at::kChar));
+  auto codes = at::empty({limbs * M, K}, x.options().dtype(at::kChar));
   auto scale = at::empty({M}, x.options());
   const float* xp = x.data_ptr<float>();
   int8_t* qp = codes.data_ptr<int8_t>();
@@ -215,15 +218,24 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_row(const at::Tensor& x, const c
       const float amax = abs_max(rw, K);
       const float s = std::max(amax, tf) / hi;
       sp[m] = s;
-      int8_t* __restrict q = qp + m * K;
-      for (int64_t k = 0; k < K; ++k) {
-        float y = rw[k] / s;
-        y = std::min(std::max(y, lo), hi);
-        q[k] = static_cast<int8_t>(static_cast<int32_t>(round_half_even(y)));
+      int8_t* __restrict q = qp + limbs * m * K;
+      if (limbs == 1) {
+        for (int64_t k = 0; k < K; ++k) {
+          float y = rw[k] / s;
+          y = std::min(std::max(y, lo), hi);
+          q[k] = static_cast<int8_t>(static_cast<int32_t>(round_half_even(y)));
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) split_limbs(rw[k] / s, lo, hi, 2.0f * hi, q + k, q + K + k);
       }
     }
   });
   return {codes, scale};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_row(const at::Tensor& x, const c10::optional<at::Tensor>& col_scale,
+                                                    int64_t qmax, double tiny) {
+  return quantize_per_row_limbs(x, col_scale, qmax, tiny, 1);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -397,13 +409,15 @@ at::Tensor linear_atom_forward(const at::Tensor& x, int64_t qmax, double tiny, c
   return gemm_rescale(codes.view({limbs * x.size(0), x.size(1)}), w_t, p);
 }
 
-// Input gradient with int8 GEMM: (g * w_scale) quantized per row, times W_q [N, K],
-// masked by the STE of the static input quantizer when x is given.
+// Input gradient with int8 GEMM: (g * w_scale) quantized per row (one or two limbs),
+// times W_q [N, K], masked by the STE of the static input quantizer when x is given.
 at::Tensor linear_backward_int8(const at::Tensor& grad, const at::Tensor& w_scale, const at::Tensor& w,
-                                const c10::optional<at::Tensor>& x, double step, int64_t qmax, double tiny) {
-  auto [codes, scale] = quantize_per_row(grad, w_scale, 127, tiny);
+                                const c10::optional<at::Tensor>& x, double step, int64_t qmax, double tiny,
+                                int64_t limbs) {
+  auto [codes, scale] = quantize_per_row_limbs(grad, w_scale, 127, tiny, limbs);
   auto p = make_args(scale.data_ptr<float>(), scale.numel(), 1, grad.size(0), w.size(1), c10::nullopt,
                      c10::nullopt, x, step, qmax);
+  set_limbs(p, limbs, 127);  // the gradient's codes, whatever the input quantizer's qmax
   return gemm_rescale(codes, w, p);
 }
 
@@ -414,7 +428,8 @@ at::Tensor linear_backward_int8(const at::Tensor& grad, const at::Tensor& w_scal
 // Inputs: x [M, K] float32 (needs grad), w_t [K, N] int8, w [N, K] int8, w_deq [N, K]
 // float32 (W_q * s_w, for the float and the double backward), w_scale [N], bias [N] or an
 // empty tensor. backward_int8 picks the int8 backward GEMM; limbs (1 or 2) the activation
-// codes of the forward GEMM (the backward is the same straight-through gradient for both).
+// codes of the forward GEMM and, with backward_int8, of the gradient in the backward GEMM
+// (the float backward is the same straight-through gradient for both).
 // Double backward (create_graph=True): the backward runs differentiable ATen ops, so the
 // second derivative is that of the STE surrogate clamp(x) @ w_deq.T (linear in grad).
 struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction> {
@@ -433,6 +448,7 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
     ctx->saved_data["qmax"] = qmax;
     ctx->saved_data["masked"] = clipped;
     ctx->saved_data["backward_int8"] = backward_int8;
+    ctx->saved_data["limbs"] = limbs;
     ctx->save_for_backward({clipped ? x : at::empty({0}, x.options()), w, w_deq, w_scale});
     return y;
   }
@@ -457,7 +473,7 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
       if (masked) ste_mask_(gx, x, step, qmax);
     } else {
       gx = linear_backward_int8(grad.contiguous(), w_scale, w, masked ? c10::optional<at::Tensor>(x) : c10::nullopt,
-                                step, qmax, 1e-30);
+                                step, qmax, 1e-30, ctx->saved_data["limbs"].toInt());
     }
     return {gx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
@@ -483,6 +499,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "two-limb int8 codes [2M, K] with a static step");
   m.def("quantize_per_atom_limbs", &quantize_per_atom_limbs, "per-atom int8 codes, one or two limbs");
   m.def("quantize_per_row", &quantize_per_row, "int8 codes with one dynamic scale per row");
+  m.def("quantize_per_row_limbs", &quantize_per_row_limbs, "per-row int8 codes, one or two limbs");
   m.def("rescale", &rescale, "int32 GEMM output -> float32 with row/column scales, bias, STE mask");
   m.def("ste_mask_", &ste_mask_, "in-place STE mask of a clamped quantizer");
 }

@@ -1,0 +1,431 @@
+// Fused per-edge work of one qeq_ase attention layer (qeq_ase/attention.py), forward and
+// the first-order backward that gives forces.
+//
+// Built lazily by qeq_ase/edge_kernel.py (torch.utils.cpp_extension.load) on first use.
+// The eager layer materialises a dozen [E, F]-sized tensors per layer (gathered keys and
+// values, filtered keys, messages, their autograd copies) and spends ~75% of an energy +
+// forces call in element-wise ops, gathers and scatters over them. Here every receiver
+// reads its edges once and only node-sized results and per-edge gradients are written.
+//
+// Inputs (float32 or float64, contiguous):
+//   qkv   [N, 5F]   q | k | values (x, g_vec, g_dir), the output of the layer's qkv linear
+//   vin   [N, 3, F] vector features entering the layer (after the input quantizer)
+//   filt  [E, 4F]   key filter | value filters (x, g_vec, g_dir), before the envelope
+//   env   [E]       cutoff envelope C(r_ij);   unit [E, 3] unit vector receiver -> sender
+//   scale [H]       1/temperature (normalised attention) or 1/sqrt(F/H) (plain dot product)
+//   edges sorted by receiver: rowptr [N+1]; sender [E]; receiver [E];
+//   the same edges grouped by sender: colptr [N+1], sender_order [E] (edge ids).
+//
+// Forward, for receiver i, head h and edge e = (j -> i):
+//   l_e   = scale_h cos(q_i, k_j * kf_e)   (or scale_h <q_i, k_j * kf_e>)
+//   u_e   = exp(l_e - m) / (exp(-m) + sum_e' C_e' exp(l_e' - m)),   m = max(0, max_e l_e)
+//   a_e   = C_e u_e                                      (the sink softmax of attention.py)
+//   agg_s[i] += a_e * values_x[j] * vf_x[e] * C_e
+//   agg_v[i] += vin[j] * (values_vec[j] * vf_vec[e] * C_e) + unit_e (values_dir[j] * vf_dir[e] * C_e)
+//
+// Backward runs in two passes so that no two threads write the same row: pass 1 loops
+// over receivers (softmax and query gradients, per-edge logit gradients), pass 2 over
+// senders (key, value and vector-feature gradients of the sender, per-edge gradients).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr double kNormEps = 1e-12;  // torch.nn.functional.normalize's eps
+
+struct Graph {
+  const int64_t* rowptr;
+  const int64_t* sender;
+  const int64_t* receiver;
+  const int64_t* colptr;
+  const int64_t* sender_order;
+};
+
+void check(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+struct Sizes {
+  int64_t N, E, F, H, D;
+};
+
+Sizes check_inputs(const at::Tensor& qkv, const at::Tensor& vin, const at::Tensor& filt, const at::Tensor& env,
+                   const at::Tensor& unit, const at::Tensor& scale, const at::Tensor& rowptr,
+                   const at::Tensor& sender, const at::Tensor& receiver, const at::Tensor& colptr,
+                   const at::Tensor& sender_order) {
+  const auto dtype = qkv.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "qkv must be float32 or float64, got ", dtype);
+  for (auto [t, name] : {std::pair{&qkv, "qkv"}, {&vin, "vin"}, {&filt, "filt"}, {&env, "envelope"},
+                         {&unit, "unit"}, {&scale, "scale"}}) {
+    check(*t, name, dtype);
+  }
+  for (auto [t, name] : {std::pair{&rowptr, "rowptr"}, {&sender, "sender"}, {&receiver, "receiver"},
+                         {&colptr, "colptr"}, {&sender_order, "sender_order"}}) {
+    check(*t, name, at::kLong);
+  }
+  Sizes s;
+  s.N = qkv.size(0);
+  s.F = qkv.size(1) / 5;
+  s.E = filt.size(0);
+  s.H = scale.size(0);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == 5 * s.F, "qkv must be [N, 5F]");
+  TORCH_CHECK(s.H > 0 && s.F % s.H == 0, "F=", s.F, " is not divisible by the ", s.H, " heads");
+  s.D = s.F / s.H;
+  TORCH_CHECK(vin.dim() == 3 && vin.size(0) == s.N && vin.size(1) == 3 && vin.size(2) == s.F, "vin must be [N, 3, F]");
+  TORCH_CHECK(filt.dim() == 2 && filt.size(1) == 4 * s.F, "filt must be [E, 4F]");
+  TORCH_CHECK(env.numel() == s.E && unit.numel() == 3 * s.E, "envelope [E] and unit [E, 3] must match filt");
+  TORCH_CHECK(rowptr.numel() == s.N + 1 && colptr.numel() == s.N + 1, "rowptr and colptr must have N + 1 entries");
+  TORCH_CHECK(sender.numel() == s.E && receiver.numel() == s.E && sender_order.numel() == s.E,
+              "sender, receiver and sender_order must have E entries");
+  return s;
+}
+
+Graph graph_of(const at::Tensor& rowptr, const at::Tensor& sender, const at::Tensor& receiver,
+               const at::Tensor& colptr, const at::Tensor& sender_order) {
+  return {rowptr.data_ptr<int64_t>(), sender.data_ptr<int64_t>(), receiver.data_ptr<int64_t>(),
+          colptr.data_ptr<int64_t>(), sender_order.data_ptr<int64_t>()};
+}
+
+template <typename T>
+inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t t = 0; t < n; ++t) s += a[t] * b[t];
+  return s;
+}
+
+// q / max(|q|, eps) per head of one node; returns nothing, fills qn and the clamped norms.
+template <typename T>
+inline void normalize_heads(const T* __restrict q, T* __restrict qn, T* __restrict qnorm, int64_t H, int64_t D) {
+  for (int64_t h = 0; h < H; ++h) {
+    const T* qh = q + h * D;
+    const T norm = std::max(std::sqrt(dot(qh, qh, D)), static_cast<T>(kNormEps));
+    qnorm[h] = norm;
+    for (int64_t t = 0; t < D; ++t) qn[h * D + t] = qh[t] / norm;
+  }
+}
+
+// Logits of the edges of receiver i into logits [deg, H] (a scratch buffer), and the
+// cosines (or plain dot products) and clamped filtered-key norms into the per-edge
+// cos [E, H] and knorm [E, H] that the backward pass reuses.
+template <typename T>
+void edge_logits(const T* qkv, const T* filt, const T* scale, const Graph& g, const Sizes& s, bool normalize,
+                 int64_t i, const T* qn, T* logits, T* cos, T* knorm) {
+  const int64_t e0 = g.rowptr[i], e1 = g.rowptr[i + 1];
+  const T* q = qkv + i * 5 * s.F;
+  for (int64_t e = e0; e < e1; ++e) {
+    const T* k = qkv + g.sender[e] * 5 * s.F + s.F;
+    const T* kf = filt + e * 4 * s.F;
+    for (int64_t h = 0; h < s.H; ++h) {
+      T kk2 = 0, qk = 0;
+      const T* qh = normalize ? qn + h * s.D : q + h * s.D;
+#pragma omp simd reduction(+ : kk2, qk)
+      for (int64_t t = 0; t < s.D; ++t) {
+        const T kk = k[h * s.D + t] * kf[h * s.D + t];
+        kk2 += kk * kk;
+        qk += qh[t] * kk;
+      }
+      const int64_t at = e * s.H + h;
+      const T norm = normalize ? std::max(std::sqrt(kk2), static_cast<T>(kNormEps)) : T(1);
+      knorm[at] = norm;
+      cos[at] = qk / norm;
+      logits[(e - e0) * s.H + h] = scale[h] * cos[at];
+    }
+  }
+}
+
+template <typename T>
+void forward_impl(const T* qkv, const T* vin, const T* filt, const T* env, const T* unit, const T* scale,
+                  const Graph& g, const Sizes& s, bool normalize, T* agg_s, T* agg_v, T* u_out, T* cos, T* knorm) {
+  const int64_t F = s.F, H = s.H, D = s.D;
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> qn(F), qnorm(H), logits, m(H), denom(H);
+    for (int64_t i = begin; i < end; ++i) {
+      T* as = agg_s + i * F;
+      T* av = agg_v + i * 3 * F;
+      std::fill(as, as + F, T(0));
+      std::fill(av, av + 3 * F, T(0));
+      const int64_t e0 = g.rowptr[i], e1 = g.rowptr[i + 1], deg = e1 - e0;
+      if (deg == 0) continue;
+      logits.resize(deg * H);
+      if (normalize) normalize_heads(qkv + i * 5 * F, qn.data(), qnorm.data(), H, D);
+      edge_logits(qkv, filt, scale, g, s, normalize, i, qn.data(), logits.data(), cos, knorm);
+      // sink softmax: the shift includes 0 (the sink's logit), as attention.sink_softmax does
+      std::fill(m.begin(), m.end(), T(0));
+      for (int64_t k = 0; k < deg; ++k)
+        for (int64_t h = 0; h < H; ++h) m[h] = std::max(m[h], logits[k * H + h]);
+      for (int64_t h = 0; h < H; ++h) denom[h] = std::exp(-m[h]);
+      for (int64_t k = 0; k < deg; ++k)
+        for (int64_t h = 0; h < H; ++h) {
+          const T w = std::exp(logits[k * H + h] - m[h]);
+          logits[k * H + h] = w;  // reuse the buffer for exp(l - m)
+          denom[h] += env[e0 + k] * w;
+        }
+      for (int64_t h = 0; h < H; ++h) denom[h] = T(1) / denom[h];
+      for (int64_t k = 0; k < deg; ++k) {
+        const int64_t e = e0 + k, j = g.sender[e];
+        const T c = env[e];
+        const T* vals = qkv + j * 5 * F + 2 * F;
+        const T* vf = filt + e * 4 * F + F;
+        const T* vj = vin + j * 3 * F;
+        const T* ue = unit + 3 * e;
+        T* u = u_out + e * H;
+        for (int64_t h = 0; h < H; ++h) {
+          u[h] = logits[k * H + h] * denom[h];
+          const T a = c * u[h] * c;  // attention weight times the envelope of the value filter
+#pragma omp simd
+          for (int64_t t = h * D; t < (h + 1) * D; ++t) as[t] += a * (vals[t] * vf[t]);
+        }
+#pragma omp simd
+        for (int64_t f = 0; f < F; ++f) {
+          const T gvec = vals[F + f] * vf[F + f] * c;
+          const T gdir = vals[2 * F + f] * vf[2 * F + f] * c;
+          av[f] += vj[f] * gvec + ue[0] * gdir;
+          av[F + f] += vj[F + f] * gvec + ue[1] * gdir;
+          av[2 * F + f] += vj[2 * F + f] * gvec + ue[2] * gdir;
+        }
+      }
+    }
+  });
+}
+
+// Pass 1 (receivers): dL/dl_e [E, H], the softmax part of dL/dC_e, dL/dq_i, and the
+// normalised queries qn [N, F] that pass 2 needs.
+template <typename T>
+void backward_receivers(const T* qkv, const T* filt, const T* env, const T* scale, const T* u_in, const T* knorm,
+                        const T* gs, const Graph& g, const Sizes& s, bool normalize, T* dlogit, T* denv, T* dqkv,
+                        T* qn_all) {
+  const int64_t F = s.F, H = s.H, D = s.D;
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> qnorm(H), da, sum_ada(H), dq(F);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t e0 = g.rowptr[i], e1 = g.rowptr[i + 1], deg = e1 - e0;
+      const T* q = qkv + i * 5 * F;
+      T* qn = qn_all + i * F;
+      if (normalize) normalize_heads(q, qn, qnorm.data(), H, D);
+      T* dqi = dqkv + i * 5 * F;  // the q columns of row i
+      std::fill(dqi, dqi + F, T(0));
+      if (deg == 0) continue;
+      const T* gsi = gs + i * F;
+      da.resize(deg * H);
+      std::fill(sum_ada.begin(), sum_ada.end(), T(0));
+      for (int64_t k = 0; k < deg; ++k) {
+        const int64_t e = e0 + k, j = g.sender[e];
+        const T c = env[e];
+        const T* vals = qkv + j * 5 * F + 2 * F;
+        const T* vf = filt + e * 4 * F + F;
+        for (int64_t h = 0; h < H; ++h) {
+          T acc = 0;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t t = h * D; t < (h + 1) * D; ++t) acc += gsi[t] * (vals[t] * vf[t]);
+          da[k * H + h] = acc * c;  // dL/da_e
+          sum_ada[h] += c * u_in[e * H + h] * da[k * H + h];
+        }
+      }
+      std::fill(dq.begin(), dq.end(), T(0));
+      for (int64_t k = 0; k < deg; ++k) {
+        const int64_t e = e0 + k;
+        const T* kj = qkv + g.sender[e] * 5 * F + F;
+        const T* kf = filt + e * 4 * F;
+        T dc = 0;
+        for (int64_t h = 0; h < H; ++h) {
+          const T u = u_in[e * H + h], diff = da[k * H + h] - sum_ada[h];
+          const T dl = env[e] * u * diff;
+          dlogit[e * H + h] = dl;
+          dc += u * diff;
+          // d l / d (qn or q) = scale * kk / |kk|   (or scale * kk)
+          const T coef = dl * scale[h] / knorm[e * H + h];
+#pragma omp simd
+          for (int64_t t = h * D; t < (h + 1) * D; ++t) dq[t] += coef * (kj[t] * kf[t]);
+        }
+        denv[e] = dc;
+      }
+      if (normalize) {  // through qn = q / max(|q|, eps)
+        for (int64_t h = 0; h < H; ++h) {
+          const T* qnh = qn + h * D;
+          const T* dqh = dq.data() + h * D;
+          const T proj = qnorm[h] > kNormEps ? dot(qnh, dqh, D) : T(0);
+          const T inv = T(1) / qnorm[h];
+          for (int64_t t = 0; t < D; ++t) dqi[h * D + t] = (dqh[t] - qnh[t] * proj) * inv;
+        }
+      } else {
+        std::copy(dq.begin(), dq.end(), dqi);
+      }
+    }
+  });
+}
+
+// Pass 2 (senders): gradients of the sender's k, values and vin, and the per-edge filter,
+// envelope and unit-vector gradients.
+template <typename T>
+void backward_senders(const T* qkv, const T* vin, const T* filt, const T* env, const T* unit, const T* scale,
+                      const T* u_in, const T* knorm, const T* qn_all, const T* gs, const T* gv, const T* dlogit,
+                      const Graph& g, const Sizes& s, bool normalize, T* dqkv, T* dvin, T* dfilt, T* denv,
+                      T* dunit) {
+  const int64_t F = s.F, H = s.H, D = s.D;
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      T* dk = dqkv + j * 5 * F + F;  // k and the three value parts, 4F columns
+      T* dvj = dvin + j * 3 * F;
+      std::fill(dk, dk + 4 * F, T(0));
+      std::fill(dvj, dvj + 3 * F, T(0));
+      const T* k = qkv + j * 5 * F + F;
+      const T* vals = k + F;
+      const T* vj = vin + j * 3 * F;
+      for (int64_t o = g.colptr[j]; o < g.colptr[j + 1]; ++o) {
+        const int64_t e = g.sender_order[o], i = g.receiver[e];
+        const T c = env[e];
+        const T* kf = filt + e * 4 * F;
+        const T* vf = kf + F;
+        const T* gsi = gs + i * F;
+        const T* gvi = gv + i * 3 * F;
+        const T* ue = unit + 3 * e;
+        T* dkf = dfilt + e * 4 * F;
+        T* dvf = dkf + F;
+        T dc = 0, du0 = 0, du1 = 0, du2 = 0;
+        // scalar message: agg_s += (C u) * vals_x * vf_x * C
+        for (int64_t h = 0; h < H; ++h) {
+          const T a = c * u_in[e * H + h];
+#pragma omp simd reduction(+ : dc)
+          for (int64_t t = h * D; t < (h + 1) * D; ++t) {
+            const T dx = gsi[t] * a;  // dL/dx, x = vals_x vf_x C
+            dk[F + t] += dx * vf[t] * c;
+            dvf[t] = dx * vals[t] * c;
+            dc += dx * vals[t] * vf[t];
+          }
+        }
+        // vector message: agg_v += vin_j g_vec + unit g_dir
+#pragma omp simd reduction(+ : dc, du0, du1, du2)
+        for (int64_t f = 0; f < F; ++f) {
+          const T gvec = vals[F + f] * vf[F + f] * c;
+          const T gdir = vals[2 * F + f] * vf[2 * F + f] * c;
+          const T dgvec = gvi[f] * vj[f] + gvi[F + f] * vj[F + f] + gvi[2 * F + f] * vj[2 * F + f];
+          const T dgdir = gvi[f] * ue[0] + gvi[F + f] * ue[1] + gvi[2 * F + f] * ue[2];
+          dvj[f] += gvi[f] * gvec;
+          dvj[F + f] += gvi[F + f] * gvec;
+          dvj[2 * F + f] += gvi[2 * F + f] * gvec;
+          du0 += gvi[f] * gdir;
+          du1 += gvi[F + f] * gdir;
+          du2 += gvi[2 * F + f] * gdir;
+          dk[2 * F + f] += dgvec * vf[F + f] * c;
+          dvf[F + f] = dgvec * vals[F + f] * c;
+          dk[3 * F + f] += dgdir * vf[2 * F + f] * c;
+          dvf[2 * F + f] = dgdir * vals[2 * F + f] * c;
+          dc += dgvec * vals[F + f] * vf[F + f] + dgdir * vals[2 * F + f] * vf[2 * F + f];
+        }
+        denv[e] += dc;
+        dunit[3 * e] = du0;
+        dunit[3 * e + 1] = du1;
+        dunit[3 * e + 2] = du2;
+        // key path: l = scale cos(q_i, kk) (or scale <q_i, kk>), kk = k_j * kf_e
+        const T* qi = normalize ? qn_all + i * F : qkv + i * 5 * F;
+        for (int64_t h = 0; h < H; ++h) {
+          const T dl = dlogit[e * H + h] * scale[h];
+          const int64_t t0 = h * D, t1 = t0 + D;
+          if (normalize) {
+            // d cos / d kk = (qn - kk <kk, qn> / |kk|^2) / |kk|
+            const T inv = T(1) / knorm[e * H + h];
+            T kq = 0;
+#pragma omp simd reduction(+ : kq)
+            for (int64_t t = t0; t < t1; ++t) kq += k[t] * kf[t] * qi[t];
+            const T proj = knorm[e * H + h] > kNormEps ? kq * inv * inv : T(0);
+#pragma omp simd
+            for (int64_t t = t0; t < t1; ++t) {
+              const T dkk = dl * (qi[t] - k[t] * kf[t] * proj) * inv;
+              dk[t] += dkk * kf[t];
+              dkf[t] = dkk * k[t];
+            }
+          } else {
+#pragma omp simd
+            for (int64_t t = t0; t < t1; ++t) {
+              const T dkk = dl * qi[t];
+              dk[t] += dkk * kf[t];
+              dkf[t] = dkk * k[t];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// Returns agg_s [N, F], agg_v [N, 3, F] and, saved for the backward pass, u [E, H] (the
+// softmax weights before the envelope), cos [E, H] (cosines or dot products) and
+// knorm [E, H] (clamped filtered-key norms; 1 without normalisation).
+std::vector<at::Tensor> edge_attention_forward(const at::Tensor& qkv, const at::Tensor& vin, const at::Tensor& filt,
+                                               const at::Tensor& env, const at::Tensor& unit, const at::Tensor& scale,
+                                               const at::Tensor& rowptr, const at::Tensor& sender,
+                                               const at::Tensor& receiver, const at::Tensor& colptr,
+                                               const at::Tensor& sender_order, bool normalize) {
+  const Sizes s = check_inputs(qkv, vin, filt, env, unit, scale, rowptr, sender, receiver, colptr, sender_order);
+  const Graph g = graph_of(rowptr, sender, receiver, colptr, sender_order);
+  auto agg_s = at::empty({s.N, s.F}, qkv.options());
+  auto agg_v = at::empty({s.N, 3, s.F}, qkv.options());
+  auto u = at::empty({s.E, s.H}, qkv.options());
+  auto cos = at::empty({s.E, s.H}, qkv.options());
+  auto knorm = at::empty({s.E, s.H}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "edge_attention_forward", [&] {
+    forward_impl<scalar_t>(qkv.data_ptr<scalar_t>(), vin.data_ptr<scalar_t>(), filt.data_ptr<scalar_t>(),
+                           env.data_ptr<scalar_t>(), unit.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), g, s,
+                           normalize, agg_s.data_ptr<scalar_t>(), agg_v.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
+                           cos.data_ptr<scalar_t>(), knorm.data_ptr<scalar_t>());
+  });
+  return {agg_s, agg_v, u, cos, knorm};
+}
+
+// Returns dqkv [N, 5F], dvin [N, 3, F], dfilt [E, 4F], denv [E], dunit [E, 3], dscale [H].
+std::vector<at::Tensor> edge_attention_backward(const at::Tensor& grad_s, const at::Tensor& grad_v,
+                                                const at::Tensor& qkv, const at::Tensor& vin, const at::Tensor& filt,
+                                                const at::Tensor& env, const at::Tensor& unit,
+                                                const at::Tensor& scale, const at::Tensor& u,
+                                                const at::Tensor& cos, const at::Tensor& knorm,
+                                                const at::Tensor& rowptr, const at::Tensor& sender,
+                                                const at::Tensor& receiver, const at::Tensor& colptr,
+                                                const at::Tensor& sender_order, bool normalize) {
+  const Sizes s = check_inputs(qkv, vin, filt, env, unit, scale, rowptr, sender, receiver, colptr, sender_order);
+  const Graph g = graph_of(rowptr, sender, receiver, colptr, sender_order);
+  check(grad_s, "grad_s", qkv.scalar_type());
+  check(grad_v, "grad_v", qkv.scalar_type());
+  for (auto [t, name] : {std::pair{&u, "u"}, {&cos, "cos"}, {&knorm, "knorm"}}) {
+    check(*t, name, qkv.scalar_type());
+    TORCH_CHECK(t->numel() == s.E * s.H, name, " must be [E, H]");
+  }
+  TORCH_CHECK(grad_s.numel() == s.N * s.F && grad_v.numel() == 3 * s.N * s.F,
+              "grad_s [N, F] and grad_v [N, 3, F] do not match the inputs");
+  auto dqkv = at::empty_like(qkv);
+  auto dvin = at::empty_like(vin);
+  auto dfilt = at::empty_like(filt);
+  auto denv = at::empty_like(env);
+  auto dunit = at::empty_like(unit);
+  auto dlogit = at::empty({s.E, s.H}, qkv.options());
+  auto qn = at::empty({s.N, s.F}, qkv.options());
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "edge_attention_backward", [&] {
+    backward_receivers<scalar_t>(qkv.data_ptr<scalar_t>(), filt.data_ptr<scalar_t>(), env.data_ptr<scalar_t>(),
+                                 scale.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), knorm.data_ptr<scalar_t>(),
+                                 grad_s.data_ptr<scalar_t>(), g, s, normalize, dlogit.data_ptr<scalar_t>(),
+                                 denv.data_ptr<scalar_t>(), dqkv.data_ptr<scalar_t>(), qn.data_ptr<scalar_t>());
+    backward_senders<scalar_t>(qkv.data_ptr<scalar_t>(), vin.data_ptr<scalar_t>(), filt.data_ptr<scalar_t>(),
+                               env.data_ptr<scalar_t>(), unit.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
+                               u.data_ptr<scalar_t>(), knorm.data_ptr<scalar_t>(), qn.data_ptr<scalar_t>(),
+                               grad_s.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(), dlogit.data_ptr<scalar_t>(),
+                               g, s, normalize, dqkv.data_ptr<scalar_t>(), dvin.data_ptr<scalar_t>(),
+                               dfilt.data_ptr<scalar_t>(), denv.data_ptr<scalar_t>(), dunit.data_ptr<scalar_t>());
+  });
+  auto dscale = (dlogit * cos).sum(0);
+  return {dqkv, dvin, dfilt, denv, dunit, dscale};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &edge_attention_forward, "fused per-edge attention of one layer: agg_s, agg_v, u, cos, knorm");
+  m.def("backward", &edge_attention_backward, "first-order backward of forward (forces)");
+}

@@ -1,0 +1,144 @@
+"""Fused per-edge attention (C++), used at inference by the float32 and the INT8 models alike.
+
+An energy + forces call of the eager attention layer spends ~75% of its time in the
+element-wise ops, gathers and scatters over ``[E, F]``-sized tensors between the GEMMs
+(``docs/quantization.md``, "Speed"). :func:`edge_attention` does that work of one layer,
+from the node-wise ``qkv`` and ``v_in`` and the edge-wise filters to the aggregated
+messages, in one C++ pass per receiver (``qeq_ase/csrc/edge_attention.cpp``), with a
+first-order backward that gives forces. It computes exactly what
+:meth:`qeq_ase.attention.EquivariantAttention.forward` computes (sink softmax, cosine or
+dot-product logits), up to float rounding.
+
+It has no double backward (``once_differentiable``): training on forces
+(``create_graph=True``) keeps the eager path. The fused path is chosen by
+:meth:`qeq_ase.model.QEqModel.energy_and_forces` when ``training=False``; set
+``QEQ_EDGE_BACKEND=eager`` to compare with the eager layer. Like the INT8 kernels it is
+built on first use (~20-40 s once, then cached); if it cannot be built the eager layer
+runs, with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.autograd.function import once_differentiable
+
+EXTENSION_NAME = "qeq_edge_attention"
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "edge_attention.cpp"
+_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]  # omp simd: vectorised reductions
+BACKENDS = ("auto", "cpp", "eager")
+
+_module = None
+_error: str | None = None
+
+
+def load_edge_kernel():
+    """Build (first call) or load the C++ edge kernel; raise RuntimeError if impossible."""
+    global _module, _error
+    if _module is not None:
+        return _module
+    if _error is not None:
+        raise RuntimeError(_error)
+    try:
+        from torch.utils.cpp_extension import load
+        _module = load(name=EXTENSION_NAME, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, verbose=False)
+    except Exception as err:  # no compiler, no ninja, missing headers, ...
+        last = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+        _error = (f"could not build the fused edge-attention kernel from {_SOURCE} ({type(err).__name__}: {last}). "
+                  "It needs a C++17 compiler and ninja (pip install ninja).")
+        raise RuntimeError(_error) from err
+    return _module
+
+
+def edge_backend() -> str:
+    """``"cpp"`` if the fused kernel runs at inference, else ``"eager"`` (``QEQ_EDGE_BACKEND``)."""
+    choice = os.environ.get("QEQ_EDGE_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"QEQ_EDGE_BACKEND must be one of {BACKENDS}, not {choice!r}")
+    if choice == "eager":
+        return "eager"
+    try:
+        load_edge_kernel()
+    except RuntimeError as err:
+        if choice == "cpp":
+            raise
+        warnings.warn(f"{err} Running the eager attention layers (slower).", RuntimeWarning, stacklevel=2)
+        return "eager"
+    return "cpp"
+
+
+@dataclass(frozen=True)
+class EdgeCSR:
+    """A graph's edges sorted by receiver (``rowptr``) and grouped by sender (``colptr``).
+
+    Built once per forward pass and shared by the layers. ``sender``/``receiver`` are the
+    edge endpoints in receiver order; ``sender_order`` lists the edge ids by sender.
+    """
+
+    rowptr: torch.Tensor
+    sender: torch.Tensor
+    receiver: torch.Tensor
+    colptr: torch.Tensor
+    sender_order: torch.Tensor
+
+    @classmethod
+    def from_sorted_edges(cls, edge_index: torch.Tensor, num_nodes: int) -> "EdgeCSR":
+        sender, receiver = edge_index[0].contiguous(), edge_index[1].contiguous()
+        if receiver.numel() > 1 and bool((receiver[1:] < receiver[:-1]).any()):
+            raise ValueError("EdgeCSR needs edges sorted by receiver (see receiver_order)")
+        rowptr = torch.zeros(num_nodes + 1, dtype=torch.long, device=receiver.device)
+        rowptr[1:] = torch.cumsum(torch.bincount(receiver, minlength=num_nodes), 0)
+        colptr = torch.zeros_like(rowptr)
+        colptr[1:] = torch.cumsum(torch.bincount(sender, minlength=num_nodes), 0)
+        sender_order = torch.argsort(sender, stable=True)
+        return cls(rowptr, sender, receiver, colptr, sender_order)
+
+
+def receiver_order(edge_index: torch.Tensor) -> torch.Tensor | None:
+    """The permutation that sorts edges by receiver, or ``None`` if they already are."""
+    receiver = edge_index[1]
+    if receiver.numel() < 2 or not bool((receiver[1:] < receiver[:-1]).any()):
+        return None
+    return torch.argsort(receiver, stable=True)
+
+
+class _EdgeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, vin, filt, envelope, unit, scale, csr: EdgeCSR, normalize: bool):
+        graph = (csr.rowptr, csr.sender, csr.receiver, csr.colptr, csr.sender_order)
+        agg_s, agg_v, *saved = load_edge_kernel().forward(qkv, vin, filt, envelope, unit, scale, *graph, normalize)
+        ctx.save_for_backward(qkv, vin, filt, envelope, unit, scale, *saved, *graph)
+        ctx.normalize = normalize
+        return agg_s, agg_v
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_s, grad_v):
+        qkv, vin, filt, envelope, unit, scale, u, cos, knorm, *graph = ctx.saved_tensors
+        if grad_s is None:
+            grad_s = torch.zeros(qkv.shape[0], qkv.shape[1] // 5, dtype=qkv.dtype)
+        if grad_v is None:
+            grad_v = torch.zeros_like(vin)
+        grads = load_edge_kernel().backward(grad_s.contiguous(), grad_v.contiguous(), qkv, vin, filt, envelope,
+                                            unit, scale, u, cos, knorm, *graph, ctx.normalize)
+        dqkv, dvin, dfilt, denv, dunit, dscale = grads
+        return dqkv, dvin, dfilt, denv, dunit, dscale, None, None
+
+
+def edge_attention(qkv: torch.Tensor, vin: torch.Tensor, filt: torch.Tensor, envelope: torch.Tensor,
+                   unit: torch.Tensor, scale: torch.Tensor, csr: EdgeCSR, normalize: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aggregated scalar ``[N, F]`` and vector ``[N, 3, F]`` messages of one attention layer.
+
+    ``qkv [N, 5F]`` (q | k | three value parts), ``vin [N, 3, F]``, ``filt [E, 4F]`` (key
+    filter | three value filters, before the envelope), ``envelope [E]``, ``unit [E, 3]``,
+    ``scale [H]`` (inverse temperatures, or ``1/sqrt(F/H)`` without normalisation).
+    Tensors are cast to one float dtype (float32 under bf16 autocast).
+    """
+    dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    args = [t.to(dtype).contiguous() for t in (qkv, vin, filt, envelope, unit, scale)]
+    return _EdgeAttention.apply(*args, csr, normalize)

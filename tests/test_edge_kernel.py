@@ -1,0 +1,120 @@
+"""The fused C++ edge-attention kernel against the eager layer it replaces at inference."""
+
+import numpy as np
+import pytest
+import torch
+
+from qeq_ase.attention import EquivariantAttention
+from qeq_ase.edge_kernel import EdgeCSR, edge_attention, edge_backend, receiver_order
+from qeq_ase.neighbors import periodic_edges
+from test_model import tiny_model
+
+
+def random_layer_inputs(normalize: bool, seed: int = 0):
+    """A small random graph (unsorted edges, one isolated atom) and float64 layer inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    N, F, H = 8, 16, 4
+    layer = EquivariantAttention(F, H, normalize=normalize).double()
+    pos = torch.randn(N, 3, generator=gen, dtype=torch.float64) * 1.5
+    pos[-1] += 100.0  # no neighbours
+    pairs = [(j, i) for i in range(N) for j in range(N) if i != j and (pos[i] - pos[j]).norm() < 3.0]
+    edge_index = torch.tensor(pairs).T[:, torch.randperm(len(pairs), generator=gen)]
+    E = edge_index.shape[1]
+    inputs = {
+        "qkv": torch.randn(N, 5 * F, generator=gen, dtype=torch.float64),
+        "vin": torch.randn(N, 3, F, generator=gen, dtype=torch.float64),
+        "filt": torch.randn(E, 4 * F, generator=gen, dtype=torch.float64),
+        "envelope": torch.rand(E, generator=gen, dtype=torch.float64),
+        "unit": torch.nn.functional.normalize(torch.randn(E, 3, generator=gen, dtype=torch.float64), dim=-1),
+    }
+    with torch.no_grad():
+        layer.log_inv_temperature.copy_(torch.rand(H, generator=gen, dtype=torch.float64) * 2)
+    return layer, edge_index, inputs
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "dot"])
+def test_fused_messages_equal_the_eager_layer(normalize):
+    layer, edge_index, x = random_layer_inputs(normalize)
+    eager = layer._messages(x["qkv"], x["vin"], x["filt"], edge_index, x["envelope"], x["unit"])
+    order = receiver_order(edge_index)
+    assert order is not None
+    sorted_index = edge_index[:, order]
+    edge_inputs = [x[k][order] for k in ("filt", "envelope", "unit")]
+    fused = edge_attention(x["qkv"], x["vin"], *edge_inputs, layer.logit_scale(),
+                           EdgeCSR.from_sorted_edges(sorted_index, x["qkv"].shape[0]), normalize)
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert fused[0][-1].abs().max() == 0 and fused[1][-1].abs().max() == 0  # the isolated atom
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["cosine", "dot"])
+def test_fused_backward_passes_gradcheck(normalize):
+    layer, edge_index, x = random_layer_inputs(normalize, seed=1)
+    order = receiver_order(edge_index)
+    csr = EdgeCSR.from_sorted_edges(edge_index[:, order], x["qkv"].shape[0])
+    inputs = [x["qkv"], x["vin"]] + [x[k][order] for k in ("filt", "envelope", "unit")]
+    scale = layer.logit_scale().detach()
+    inputs = [t.clone().requires_grad_(True) for t in inputs + [scale]]
+    if not normalize:  # the dot-product scale is a constant
+        inputs[-1].requires_grad_(False)
+    assert torch.autograd.gradcheck(lambda *a: edge_attention(*a, csr, normalize), inputs)
+
+
+def test_fused_kernel_has_no_double_backward():
+    layer, edge_index, x = random_layer_inputs(True)
+    order = receiver_order(edge_index)
+    csr = EdgeCSR.from_sorted_edges(edge_index[:, order], x["qkv"].shape[0])
+    qkv = x["qkv"].clone().requires_grad_(True)
+    agg_s, _ = edge_attention(qkv, x["vin"], *(x[k][order] for k in ("filt", "envelope", "unit")),
+                              layer.logit_scale().detach(), csr, True)
+    grad, = torch.autograd.grad(agg_s.square().sum(), qkv, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|not differentiable"):
+        grad.sum().backward()
+
+
+def test_csr_refuses_unsorted_edges():
+    with pytest.raises(ValueError, match="sorted by receiver"):
+        EdgeCSR.from_sorted_edges(torch.tensor([[0, 1], [1, 0]]), 2)
+
+
+def test_unknown_backend_is_refused(monkeypatch):
+    monkeypatch.setenv("QEQ_EDGE_BACKEND", "fast")
+    with pytest.raises(ValueError, match="QEQ_EDGE_BACKEND"):
+        edge_backend()
+
+
+def _energy_and_forces(model, graph_args, backend, monkeypatch, training=False):
+    monkeypatch.setenv("QEQ_EDGE_BACKEND", backend)
+    out = model.energy_and_forces(*graph_args, training=training)
+    return out["energy"].detach(), out["forces"].detach()
+
+
+@pytest.mark.parametrize("variant", [{}, {"attention_normalization": False, "neighbor_embedding": True}],
+                         ids=["cosine", "dot+neighbour-embedding"])
+def test_model_energy_and_forces_fused_equal_eager_periodic(monkeypatch, variant):
+    """A periodic cell (edge shifts, an atom's own images, unsorted matscipy edges), float64."""
+    model = tiny_model(**variant)
+    rng = np.random.default_rng(3)
+    cell = np.diag([4.0, 4.5, 5.0])
+    positions = rng.uniform(0, 4, (10, 3))
+    edge_index, shift = periodic_edges(positions, cell, np.array([True, True, True]), model.config.cutoff)
+    species = model.species_index(torch.as_tensor(rng.choice([1, 6, 8], 10)))
+    args = (torch.as_tensor(positions), species, torch.as_tensor(edge_index), torch.zeros(10, dtype=torch.long), 1,
+            torch.as_tensor(shift))
+    assert model.edge_backend() == "cpp"
+    e_fused, f_fused = _energy_and_forces(model, args, "auto", monkeypatch)
+    e_eager, f_eager = _energy_and_forces(model, args, "eager", monkeypatch)
+    torch.testing.assert_close(e_fused, e_eager, rtol=0, atol=1e-10)
+    torch.testing.assert_close(f_fused, f_eager, rtol=0, atol=1e-10)
+
+
+def test_training_keeps_the_eager_double_backward(monkeypatch):
+    """``training=True`` must not route through the once-differentiable kernel."""
+    model = tiny_model()
+    positions = torch.tensor([[0.0, 0, 0], [1.1, 0, 0], [0, 1.2, 0.1]], dtype=torch.float64)
+    species = model.species_index(torch.tensor([6, 1, 8]))
+    edge_index = torch.tensor([[1, 2, 0, 2, 0, 1], [0, 0, 1, 1, 2, 2]])
+    monkeypatch.setenv("QEQ_EDGE_BACKEND", "auto")
+    out = model.energy_and_forces(positions, species, edge_index, torch.zeros(3, dtype=torch.long), 1, training=True)
+    out["forces"].square().sum().backward()  # second derivatives reach the parameters
+    assert model.layers[0].qkv.weight.grad is not None
