@@ -22,19 +22,35 @@ from e3nn import o3
 from torch import nn
 
 
-class ScalarLinear(nn.Module):
+class _NormalisedLinear(nn.Module):
+    """A weight ``[out, in]`` used as ``W / sqrt(in)`` (e3nn's normalisation)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.randn(out_features, in_features))
+        self._frozen_weight: tuple | None = None  # (key, W / sqrt(in)) of a weight that needs no grad
+
+    def effective_weight(self) -> torch.Tensor:
+        w = self.weight
+        if w.requires_grad:
+            return w / math.sqrt(self.in_features)
+        # Inference (the calculator freezes its copy): divide once, not on every call. The key
+        # changes with any in-place update, a new storage, dtype or device.
+        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        if self._frozen_weight is None or self._frozen_weight[0] != key:
+            self._frozen_weight = (key, w / math.sqrt(self.in_features))
+        return self._frozen_weight[1]
+
+
+class ScalarLinear(_NormalisedLinear):
     """``y = x W / sqrt(in) + b`` on invariant features (e3nn's normalisation)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features)
         self.irreps_in = o3.Irreps(f"{in_features}x0e")
         self.irreps_out = o3.Irreps(f"{out_features}x0e")
-        self.weight = nn.Parameter(torch.randn(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-
-    def effective_weight(self) -> torch.Tensor:
-        return self.weight / math.sqrt(self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.effective_weight(), self.bias)
@@ -43,18 +59,13 @@ class ScalarLinear(nn.Module):
         return f"{self.irreps_in} -> {self.irreps_out}, bias={self.bias is not None}"
 
 
-class VectorLinear(nn.Module):
+class VectorLinear(_NormalisedLinear):
     """Channel mixing of ``l=1`` features ``[N, 3, F_in] -> [N, 3, F_out]``; no bias (equivariance)."""
 
     def __init__(self, in_features: int, out_features: int):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features)
         self.irreps_in = o3.Irreps(f"{in_features}x1o")
         self.irreps_out = o3.Irreps(f"{out_features}x1o")
-        self.weight = nn.Parameter(torch.randn(out_features, in_features))
-
-    def effective_weight(self) -> torch.Tensor:
-        return self.weight / math.sqrt(self.in_features)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(v, self.effective_weight())

@@ -178,3 +178,23 @@ def test_format_version_1_files_still_load(tmp_path, aspirin):
     loaded, _ = load_potential_file(tmp_path / "v1.pt")
     numbers, frames = aspirin
     assert predict(loaded, numbers, frames[0])[0] == predict(model, numbers, frames[0])[0]
+
+
+def test_frozen_layers_divide_their_weight_once_and_follow_updates():
+    """Inference copies (requires_grad False) cache ``W / sqrt(in)``; any weight update refreshes it."""
+    from qeq_ase.layers import ScalarLinear, VectorLinear
+
+    for layer in (ScalarLinear(8, 4), VectorLinear(8, 4)):
+        layer.requires_grad_(False)
+        first = layer.effective_weight()
+        assert layer.effective_weight() is first
+        torch.testing.assert_close(first, layer.weight / 8 ** 0.5)
+        with torch.no_grad():
+            layer.weight.mul_(2.0)  # in place: a new version
+        torch.testing.assert_close(layer.effective_weight(), 2 * first)
+        layer.load_state_dict({k: torch.ones_like(v) for k, v in layer.state_dict().items()})
+        torch.testing.assert_close(layer.effective_weight(), torch.full((4, 8), 8 ** -0.5))
+        layer.double()
+        assert layer.effective_weight().dtype == torch.float64
+        layer.requires_grad_(True)  # training: a fresh differentiable tensor every call
+        assert layer.effective_weight().requires_grad
