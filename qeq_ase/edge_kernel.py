@@ -22,36 +22,22 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from .cpp_extension import CSRC, LazyExtension
+
 EXTENSION_NAME = "qeq_edge_attention"
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "edge_attention.cpp"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]  # omp simd: vectorised reductions
 BACKENDS = ("auto", "cpp", "eager")
-
-_module = None
-_error: str | None = None
+_EXTENSION = LazyExtension(EXTENSION_NAME, CSRC / "edge_attention.cpp", _CFLAGS,
+                           "the fused edge-attention kernel")
 
 
 def load_edge_kernel():
     """Build (first call) or load the C++ edge kernel; raise RuntimeError if impossible."""
-    global _module, _error
-    if _module is not None:
-        return _module
-    if _error is not None:
-        raise RuntimeError(_error)
-    try:
-        from torch.utils.cpp_extension import load
-        _module = load(name=EXTENSION_NAME, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, verbose=False)
-    except Exception as err:  # no compiler, no ninja, missing headers, ...
-        last = str(err).strip().splitlines()[-1] if str(err).strip() else ""
-        _error = (f"could not build the fused edge-attention kernel from {_SOURCE} ({type(err).__name__}: {last}). "
-                  "It needs a C++17 compiler and ninja (pip install ninja).")
-        raise RuntimeError(_error) from err
-    return _module
+    return _EXTENSION.load()
 
 
 def edge_backend() -> str:

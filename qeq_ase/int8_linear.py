@@ -52,12 +52,12 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from pathlib import Path
 
 import torch
 from e3nn import o3
 from torch import nn
 
+from .cpp_extension import CSRC, LazyExtension
 from .quantizers import (TINY, LSQQuantizer, MDDQQuantizer, fake_quantize_limbs, fake_quantize_per_atom,
                          per_atom_scale, quantize_weight)
 
@@ -66,7 +66,7 @@ BACKWARD_KERNELS = ("float", "int8")
 INPUT_MODES = ("static", "atom")
 ACTIVATION_LIMBS = (1, 2)
 EXTENSION_NAME = "qeq_int8_kernels"
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "int8_kernels.cpp"
+_SOURCE = CSRC / "int8_kernels.cpp"
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
 
 
@@ -169,28 +169,14 @@ class EagerKernels:
         return _EagerInt8Linear.apply(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8, limbs)
 
 
-_cpp_module = None
-_cpp_error: str | None = None
+_EXTENSION = LazyExtension(EXTENSION_NAME, _SOURCE, _CFLAGS, "the qeq_ase int8 C++ kernels",
+                           "; or use backend='eager' (slower)")
 
 
 def load_cpp_kernels():
     """Build (first call, 30-50 s) or load the C++ kernels; raise RuntimeError if impossible."""
-    global _cpp_module, _cpp_error
-    if _cpp_module is not None:
-        return _cpp_module
-    if _cpp_error is not None:
-        raise RuntimeError(_cpp_error)
-    try:
-        from torch.utils.cpp_extension import load
-        module = load(name=EXTENSION_NAME, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, verbose=False)
-    except Exception as err:  # no compiler, no ninja, missing headers, ...
-        _cpp_error = (f"could not build the qeq_ase int8 C++ kernels from {_SOURCE} "
-                      f"({type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}). "
-                      "They need a C++17 compiler (g++/clang++) and ninja (pip install ninja); "
-                      "or use backend='eager' (slower).")
-        raise RuntimeError(_cpp_error) from err
+    module = _EXTENSION.load()
     module.name = "C++ fused (qeq_ase/csrc/int8_kernels.cpp)"
-    _cpp_module = module
     return module
 
 

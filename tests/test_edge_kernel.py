@@ -77,6 +77,27 @@ def test_csr_refuses_unsorted_edges():
         EdgeCSR.from_sorted_edges(torch.tensor([[0, 1], [1, 0]]), 2)
 
 
+def test_missing_compiler_falls_back_to_the_eager_layers(monkeypatch, tmp_path):
+    from qeq_ase import edge_kernel
+    from qeq_ase.cpp_extension import LazyExtension
+
+    monkeypatch.setattr(edge_kernel, "_EXTENSION", LazyExtension("qeq_missing", tmp_path / "missing.cpp", [],
+                                                                 "the fused edge-attention kernel"))
+    monkeypatch.setenv("QEQ_EDGE_BACKEND", "cpp")
+    with pytest.raises(RuntimeError, match="C\\+\\+17 compiler"):
+        edge_backend()
+    monkeypatch.setenv("QEQ_EDGE_BACKEND", "auto")
+    with pytest.warns(RuntimeWarning, match="eager attention layers"):
+        assert edge_backend() == "eager"
+    model = tiny_model()  # and the model still runs, on the eager layers
+    positions = torch.tensor([[0.0, 0, 0], [1.1, 0, 0], [0, 1.2, 0.1]], dtype=torch.float64)
+    with pytest.warns(RuntimeWarning):
+        out = model.energy_and_forces(positions, model.species_index(torch.tensor([6, 1, 8])),
+                                      torch.tensor([[1, 2, 0, 2, 0, 1], [0, 0, 1, 1, 2, 2]]),
+                                      torch.zeros(3, dtype=torch.long), 1)
+    assert torch.isfinite(out["forces"]).all()
+
+
 def test_unknown_backend_is_refused(monkeypatch):
     monkeypatch.setenv("QEQ_EDGE_BACKEND", "fast")
     with pytest.raises(ValueError, match="QEQ_EDGE_BACKEND"):

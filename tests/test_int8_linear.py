@@ -13,6 +13,7 @@ import torch
 from e3nn import o3
 
 from qeq_ase import int8_linear
+from qeq_ase.cpp_extension import LazyExtension
 from qeq_ase.int8_linear import EagerKernels, Int8ScalarLinear, Int8VectorLinear
 from qeq_ase.qat import NaiveQATLayerFactory, QATLayerFactory, QATScalarLinear, QATVectorLinear
 from qeq_ase.quantizers import LSQQuantizer, fake_quantize_per_atom, lsq_codes
@@ -247,9 +248,8 @@ def test_int_mm_odd_shapes():
 
 
 def test_missing_compiler_gives_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(int8_linear, "_cpp_module", None)
-    monkeypatch.setattr(int8_linear, "_cpp_error", None)
-    monkeypatch.setattr(int8_linear, "_SOURCE", tmp_path / "missing.cpp")
+    monkeypatch.setattr(int8_linear, "_EXTENSION", LazyExtension("qeq_missing", tmp_path / "missing.cpp", [],
+                                                                  "the int8 kernels"))
     with pytest.raises(RuntimeError, match="C\\+\\+17 compiler"):
         int8_linear.get_kernels("cpp")
     with pytest.warns(RuntimeWarning, match="Falling back to eager"):
