@@ -24,7 +24,9 @@ in the fused C++ kernel (``qeq_ase/edge_kernel.py``); the column "fp32 eager edg
 fp32 model with ``QEQ_EDGE_BACKEND=eager`` (the per-edge work as separate torch ops, as
 before the kernel existed), and "fused speed-up" is its time over fp32's. "edge share" is
 the fused kernel's share of the fp32 profile. Run it on an idle machine; this script sets
-torch's thread count and ``QEQ_EDGE_BACKEND`` (a benchmark may; the library never does).
+torch's thread count and ``QEQ_EDGE_BACKEND`` (a benchmark may; the library never does), and
+keeps glibc from mmapping large tensors anew on every call like the qeq-ase commands do
+(``qeq_ase.glibc_malloc``; ``--default-malloc`` leaves malloc as it is).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from ase import Atoms
 
 from qeq_ase.calculator import QEqCalculator
 from qeq_ase.dataset import load_rmd17
+from qeq_ase.glibc_malloc import keep_large_allocations
 from qeq_ase.int8_model import set_backward_kernel
 
 RMD17 = Path(__file__).resolve().parents[2] / "shared" / "rmd17" / "rmd17_aspirin_test_01.npz"
@@ -117,7 +120,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--systems", type=int, nargs="+", default=[1, 64, 476], help="numbers of aspirin copies")
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per system, precision and thread count")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="do not call qeq_ase.glibc_malloc.keep_large_allocations (large calls then page-fault)")
     args = parser.parse_args()
+    tuned = False if args.default_malloc else keep_large_allocations()
 
     # name: (calculator, bf16 autocast, QEQ_EDGE_BACKEND)
     calcs = {"fp32": (QEqCalculator(args.fp32), False, "auto"), "bf16": (QEqCalculator(args.fp32), True, "auto"),
@@ -126,7 +132,8 @@ def main() -> None:
              "int8 int8-bwd": (int8_backward(QEqCalculator(args.int8, activation_limbs=2)), False, "auto"),
              "fp32 eager edges": (QEqCalculator(args.fp32), False, "eager")}
     others = ["bf16", "int8", "int8 W8A8", "int8 int8-bwd"]
-    print(f"CPU {cpu_name()}, torch {torch.__version__}")
+    print(f"CPU {cpu_name()}, torch {torch.__version__}, glibc malloc "
+          f"{'keeps large allocations' if tuned else 'default'}")
     print("| atoms | threads | " + " | ".join(f"{name} (ms)" for name in calcs) + " | "
           + " | ".join(f"{name} speed-up" for name in others)
           + " | fused speed-up | GEMM share fp32 | GEMM share int8 | edge share fp32 |")

@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from .glibc_malloc import keep_large_allocations
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="shipped potential name (e.g. aspirin_fp32) or path to a potential file")
@@ -99,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    keep_large_allocations()  # this command's own process (docs/speed.md)
     try:
         report, ok = (_equivariance if args.check == "equivariance" else _nve)(args)
     except (ValueError, FileNotFoundError, IndexError) as err:

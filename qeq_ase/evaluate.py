@@ -48,6 +48,7 @@ def evaluate(model: QEqModel, frames: Frames, batch_size: int = 32) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .glibc_malloc import keep_large_allocations
     from .registry import load_model
 
     parser = argparse.ArgumentParser(prog="qeq-eval", description="Energy and force MAE of a potential on an rMD17 or extended XYZ file.")
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--activation-limbs", type=int, choices=(1, 2), default=None,
                         help="int8 potentials: 1 (W8A8) or 2 (two-limb inputs); default: the file's")
     args = parser.parse_args(argv)
+    keep_large_allocations()  # this command's own process (docs/speed.md)
     model, _ = load_model(args.model)
     if args.activation_limbs is not None:
         from .int8_model import set_activation_limbs

@@ -34,6 +34,7 @@ from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 from ase.constraints import FixCom
 
+from .glibc_malloc import keep_large_allocations
 from .md_trajectory import TrajectoryError, TrajectoryWriter, convert_trajectory, read_trajectory
 
 ENSEMBLES = ("langevin", "nve")
@@ -322,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    keep_large_allocations()  # this command's own process (docs/speed.md)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's SIGTERM stops like Ctrl-C
     try:
         summary = run_md(

@@ -30,6 +30,7 @@ from ase import Atoms
 
 from .checkpoint import read_potential_file
 from .dataset import RMD17_MOLECULES, file_sha256, load_rmd17, rmd17_path
+from .edge_kernel import edge_backend
 from .published_rmd17 import PUBLISHED_RMD17, SOURCE
 from .registry import potentials_dir
 
@@ -41,7 +42,7 @@ def default_settings(nve_ps: float = 1.0, threads: int = 1) -> dict:
     """What a measurement depends on besides the potential file (part of the cache key)."""
     return {"report_version": REPORT_VERSION, "lee_frames": 5, "lee_rotations": 4, "nve_ps": nve_ps,
             "nve_timestep_fs": 0.5, "nve_warmup_fs": 200.0, "temperature_K": 300.0, "speed_calls": 40,
-            "threads": threads, "torch": str(torch.__version__)}
+            "threads": threads, "torch": str(torch.__version__), "edge_kernel": edge_backend()}
 
 
 def time_calculator(path: Path, atoms: Atoms, calls: int, seed: int = 0) -> float:

@@ -195,3 +195,14 @@ assert torch.equal(before[3], after[3]), "global torch RNG consumed"
 def test_todict_names_the_potential(tiny_potential_path):
     calc = QEqCalculator(tiny_potential_path, dtype="float64")
     assert calc.todict() == {"model": str(tiny_potential_path), "device": "cpu", "dtype": "float64"}
+
+
+def test_keep_large_allocations_is_opt_in_and_checks_its_argument():
+    from qeq_ase.glibc_malloc import keep_large_allocations
+
+    with pytest.raises(ValueError, match="positive"):
+        keep_large_allocations(0)
+    import platform
+
+    accepted = keep_large_allocations()
+    assert accepted is (platform.libc_ver()[0] == "glibc")  # elsewhere it changes nothing
