@@ -21,9 +21,10 @@ Two ways to turn logits into attention weights (``activation``):
 
 Either way the envelope makes the weights vanish smoothly at ``r_c``.
 
-With an :class:`~qeq_ase.edge_kernel.EdgeCSR` (inference, softmax attention) the per-edge
-work between the GEMMs runs in the fused C++ kernel of :mod:`qeq_ase.edge_kernel`;
-without one (training, or ``QEQ_EDGE_BACKEND=eager``) it runs as the eager ops below.
+Given :class:`~qeq_ase.edge_kernel.EdgeBlock` s (inference, softmax attention) the per-edge
+work between the GEMMs runs in the fused C++ kernel of :mod:`qeq_ase.edge_kernel`, one block
+of edges at a time; without them (training, or ``QEQ_EDGE_BACKEND=eager``) it runs as the
+eager ops below.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import math
 import torch
 from torch import nn
 
-from .edge_kernel import EdgeCSR, edge_attention
+from .edge_kernel import EdgeBlock, edge_attention
 from .layers import LayerFactory
 
 
@@ -110,18 +111,16 @@ class EquivariantAttention(nn.Module):
             return cos * self.logit_scale()
         return (q * k).sum(-1) / math.sqrt(q.shape[-1])
 
-    def forward(self, s, v, edge_index, edge_features, envelope, unit, csr: EdgeCSR | None = None):
+    def forward(self, s, v, edge_index, edge_features, envelope, unit, blocks: list[EdgeBlock] | None = None):
         F = self.num_features
         s_in = self.scalar_in(self.norm(s))
         v_in = self.vector_in(v)
         qkv = self.qkv(s_in)
         v1, v2, v3 = self.vector_mix(v_in).split(F, dim=-1)
-        filt = self.edge_filter(edge_features)
-        if csr is not None and self.activation == "softmax":
-            agg_s, agg_v = edge_attention(qkv, v_in, filt, envelope, unit, self.logit_scale(), csr, self.normalize)
-            agg_s, agg_v = agg_s.to(qkv.dtype), agg_v.to(v_in.dtype)
+        if blocks and self.activation == "softmax":  # (no edges at all: the eager ops, on empty tensors)
+            agg_s, agg_v = self._fused_messages(qkv, v_in, edge_features, envelope, unit, blocks)
         else:
-            agg_s, agg_v = self._messages(qkv, v_in, filt, edge_index, envelope, unit)
+            agg_s, agg_v = self._messages(qkv, v_in, self.edge_filter(edge_features), edge_index, envelope, unit)
         agg_s = self.scalar_out(agg_s)
 
         o1, o2, o3 = self.out(agg_s).split(F, dim=-1)
@@ -131,6 +130,18 @@ class EquivariantAttention(nn.Module):
         if self.feed_forward:
             s = s + self.ffn_out(nn.functional.silu(self.ffn_hidden(self.ffn_in(self.ffn_norm(s)))))
         return s, v + dv
+
+    def _fused_messages(self, qkv, v_in, edge_features, envelope, unit, blocks: list[EdgeBlock]):
+        """The fused kernel, block by block of edges (the edge GEMM too, so no [E, 4F] tensor is whole)."""
+        scale = self.logit_scale()
+        agg_s = agg_v = None
+        for block in blocks:
+            e = block.edges
+            part_s, part_v = edge_attention(qkv, v_in, self.edge_filter(edge_features[e]), envelope[e], unit[e],
+                                            scale, block.csr, self.normalize)
+            agg_s = part_s if agg_s is None else agg_s + part_s
+            agg_v = part_v if agg_v is None else agg_v + part_v
+        return agg_s.to(qkv.dtype), agg_v.to(v_in.dtype)
 
     def _messages(self, qkv, v_in, filt, edge_index, envelope, unit):
         """Eager per-edge work: aggregated scalar ``[N, F]`` and vector ``[N, 3, F]`` messages."""

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .attention import EquivariantAttention, scatter_sum
-from .edge_kernel import EdgeCSR, edge_backend, receiver_order
+from .edge_kernel import edge_backend, edge_blocks, receiver_order
 from .layers import LayerFactory
 from .radial import RadialBasis, cosine_cutoff
 
@@ -141,13 +141,14 @@ class QEqModel(nn.Module):
         ``fused=True`` runs the layers' per-edge work in the fused C++ kernel
         (:mod:`qeq_ase.edge_kernel`: CPU, first-order gradients only).
         """
-        csr = None
+        blocks = None
         if fused:
             order = receiver_order(edge_index)
             if order is not None:
                 edge_index = edge_index[:, order]
                 edge_shift = edge_shift[order] if edge_shift is not None else None
-            csr = EdgeCSR.from_sorted_edges(edge_index, positions.shape[0])
+            row_bytes = 4 * self.config.num_features * positions.element_size()  # one edge's filters
+            blocks = edge_blocks(edge_index, positions.shape[0], row_bytes)
         sender, receiver = edge_index
         vec = torch.index_select(positions, 0, sender) - torch.index_select(positions, 0, receiver)
         if edge_shift is not None:
@@ -163,7 +164,7 @@ class QEqModel(nn.Module):
             s = self.neighbor_embedding(s, species, edge_index, basis, envelope)
         v = s.new_zeros(s.shape[0], 3, s.shape[1])
         for layer in self.layers:
-            s, v = layer(s, v, edge_index, edge_features, envelope, unit, csr)
+            s, v = layer(s, v, edge_index, edge_features, envelope, unit, blocks)
         h = self.readout_in(self.readout_norm(s))
         out = self.readout_out(nn.functional.silu(self.readout_hidden(h))).squeeze(-1)
         return out * self.energy_scale

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from qeq_ase.attention import EquivariantAttention
-from qeq_ase.edge_kernel import EdgeCSR, edge_attention, edge_backend, receiver_order
+from qeq_ase import edge_kernel
+from qeq_ase.edge_kernel import EdgeCSR, edge_attention, edge_backend, edge_blocks, receiver_order
 from qeq_ase.neighbors import periodic_edges
 from test_model import tiny_model
 
@@ -110,9 +111,21 @@ def _energy_and_forces(model, graph_args, backend, monkeypatch, training=False):
     return out["energy"].detach(), out["forces"].detach()
 
 
+def test_edge_blocks_cut_between_receivers_and_cover_every_edge(monkeypatch):
+    receiver = torch.tensor([0, 0, 0, 1, 3, 3, 4, 4, 4, 4, 6])
+    edge_index = torch.stack([torch.zeros_like(receiver), receiver])
+    monkeypatch.setattr(edge_kernel, "BLOCK_BYTES", 3)
+    blocks = edge_blocks(edge_index, 7, row_bytes=1)  # ~3 edges a block
+    assert [(b.edges.start, b.edges.stop) for b in blocks] == [(0, 3), (3, 6), (6, 10), (10, 11)]
+    for b in blocks:  # every block's CSR spans all nodes; its rows hold only its own receivers
+        assert b.csr.rowptr.shape == (8,) and b.csr.rowptr[-1] == b.edges.stop - b.edges.start
+    assert edge_blocks(edge_index[:, :0], 7, row_bytes=1) == []
+
+
+@pytest.mark.parametrize("block_bytes", [8 << 20, 64], ids=["one-block", "many-blocks"])
 @pytest.mark.parametrize("variant", [{}, {"attention_normalization": False, "neighbor_embedding": True}],
                          ids=["cosine", "dot+neighbour-embedding"])
-def test_model_energy_and_forces_fused_equal_eager_periodic(monkeypatch, variant):
+def test_model_energy_and_forces_fused_equal_eager_periodic(monkeypatch, variant, block_bytes):
     """A periodic cell (edge shifts, an atom's own images, unsorted matscipy edges), float64."""
     model = tiny_model(**variant)
     rng = np.random.default_rng(3)
@@ -123,6 +136,7 @@ def test_model_energy_and_forces_fused_equal_eager_periodic(monkeypatch, variant
     args = (torch.as_tensor(positions), species, torch.as_tensor(edge_index), torch.zeros(10, dtype=torch.long), 1,
             torch.as_tensor(shift))
     assert model.edge_backend() == "cpp"
+    monkeypatch.setattr(edge_kernel, "BLOCK_BYTES", block_bytes)  # 64 bytes: one edge per block
     e_fused, f_fused = _energy_and_forces(model, args, "auto", monkeypatch)
     e_eager, f_eager = _energy_and_forces(model, args, "eager", monkeypatch)
     torch.testing.assert_close(e_fused, e_eager, rtol=0, atol=1e-10)
