@@ -59,12 +59,12 @@ def test_aspirin_int8_is_shipped_real_int8_and_small():
     assert report["edge_messages"].startswith("fused C++")
 
 
-@pytest.mark.parametrize("name", ["aspirin_fp32", "aspirin_int8"])
+@pytest.mark.parametrize("name", shipped_names())
 def test_shipped_potential_reproduces_recorded_test_errors(name):
-    path = RMD17_DIR / "rmd17_aspirin_test_01.npz"
+    model, metadata = load_model(name)
+    path = RMD17_DIR / metadata["test_errors"]["file"]
     if not path.is_file():
         pytest.skip(f"rMD17 data not found at {RMD17_DIR}")
-    model, metadata = load_model(name)
     recorded = metadata["test_errors"]["first_frames"]
     frames = load_rmd17(path)
     assert metadata["test_errors"]["sha256"] == frames.sha256
@@ -75,6 +75,21 @@ def test_shipped_potential_reproduces_recorded_test_errors(name):
     measured = error_metrics(frames.subset(np.arange(n)), energy[:n], forces[:n])
     assert measured["forces_mae_meV_per_A"] == pytest.approx(recorded["forces_mae_meV_per_A"], rel=1e-3)
     assert measured["energy_mae_meV"] == pytest.approx(recorded["energy_mae_meV"], rel=1e-3, abs=1e-3)
+
+
+@pytest.mark.parametrize("molecule", sorted({n.rsplit("_", 1)[0] for n in shipped_names()}))
+def test_every_shipped_molecule_has_both_files_and_meets_the_int8_bars(molecule):
+    """Issue bars for every molecule: INT8 force MAE <= 1.10 x fp32, INT8 file <= 0.27 x fp32."""
+    rows = {r["name"]: r for r in list_potentials()}
+    fp32, int8 = rows.get(f"{molecule}_fp32"), rows.get(f"{molecule}_int8")
+    assert fp32 is not None and int8 is not None, f"{molecule}: ship both _fp32 and _int8"
+    meta = {k: torch.load(r["path"], weights_only=True)["metadata"] for k, r in (("fp32", fp32), ("int8", int8))}
+    for m in meta.values():
+        assert all(key in m for key in REQUIRED_METADATA)
+        assert m["test_errors"]["n_frames"] == 1000 and m["test_errors"]["file"] == f"rmd17_{molecule}_test_01.npz"
+    ratio = meta["int8"]["test_errors"]["forces_mae_meV_per_A"] / meta["fp32"]["test_errors"]["forces_mae_meV_per_A"]
+    assert ratio <= 1.10
+    assert os.path.getsize(int8["path"]) <= 0.27 * os.path.getsize(fp32["path"])
 
 
 def test_unknown_potential_name_lists_the_known_ones():
