@@ -5,8 +5,9 @@ rMD17, as listed in Table 1 of Batatia et al., "MACE: Higher Order Equivariant M
 Passing Neural Networks for Fast and Accurate Force Fields", NeurIPS 2022,
 arXiv:2206.07697. That table reproduces the Allegro (Musaelian et al., Nat. Commun. 14,
 579, 2023) and NequIP (Batzner et al., Nat. Commun. 13, 2453, 2022) figures of their own
-papers. The values were typed in by hand. The table text could not be read from this
-project's machines, so check them against the paper before citing them anywhere else.
+papers; the NequIP column is the one trained on 1,000 configurations. All 60 values were
+checked on 2026-11-27 against the text of that table (a markdown rendering of the paper in
+the project's stored public sources) and agree.
 """
 
 from __future__ import annotations

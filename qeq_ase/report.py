@@ -169,8 +169,7 @@ def render_markdown(results: dict, settings: dict, figure_names: list[str]) -> s
         published = [f"{PUBLISHED_RMD17[m][molecule][0]} / {PUBLISHED_RMD17[m][molecule][1]}"
                      for m in ("MACE", "Allegro", "NequIP")]
         lines.append(f"| {molecule} | {cells[0]} | {cells[1]} | {_fmt(ratio, 2)} | {ok} | " + " | ".join(published) + " |")
-    lines += ["", f"Published figures: {SOURCE}; typed in by hand and not re-checked against the paper's "
-              "text on this project's machines (`qeq_ase/published_rmd17.py`): check before citing them.", ""]
+    lines += ["", f"Published figures: {SOURCE} (`qeq_ase/published_rmd17.py`, checked against the table's text).", ""]
     if missing:
         lines += [f"Not shipped yet (no `_fp32` or `_int8` file): {', '.join(missing)}.", ""]
     lines += [
