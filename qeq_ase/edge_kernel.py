@@ -88,6 +88,11 @@ class EdgeCSR:
 #: size: glibc mmaps (and page-faults in again on every call) allocations above 32 MB,
 #: which cost ~30% of a 1,344-atom call when the layers held whole-graph filters.
 BLOCK_BYTES = 8 << 20
+#: ...but a block never has fewer edges than this many per node of the graph: every block
+#: writes node-sized outputs and gradients (``[N, 4F]``, ``[N, 5F]``, ``[N, 3, F]``), so
+#: blocks much smaller than the graph cost O(N) each (at 10,000 atoms 4,096-edge blocks made
+#: the fused path slower than the eager one on 2 threads).
+MIN_BLOCK_EDGES_PER_NODE = 8
 
 
 @dataclass(frozen=True)
@@ -99,12 +104,15 @@ class EdgeBlock:
 
 
 def edge_blocks(edge_index: torch.Tensor, num_nodes: int, row_bytes: int) -> list[EdgeBlock]:
-    """Cut receiver-sorted edges into blocks of whole receivers, ~``BLOCK_BYTES / row_bytes`` edges each.
+    """Cut receiver-sorted edges into blocks of whole receivers.
+
+    A block holds about ``max(BLOCK_BYTES / row_bytes, MIN_BLOCK_EDGES_PER_NODE * num_nodes)``
+    edges.
 
     Each block's :class:`EdgeCSR` spans all ``num_nodes`` nodes (receivers outside the block
     have no edges there), so the kernel's outputs of the blocks simply add up.
     """
-    max_edges = max(1, BLOCK_BYTES // max(1, row_bytes))
+    max_edges = max(1, BLOCK_BYTES // max(1, row_bytes), MIN_BLOCK_EDGES_PER_NODE * num_nodes)
     counts = torch.bincount(edge_index[1], minlength=num_nodes)
     ends = torch.cumsum(counts, 0)
     block = (ends - counts) // max_edges  # the block of each receiver, by where its edges start

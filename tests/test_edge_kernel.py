@@ -115,11 +115,14 @@ def test_edge_blocks_cut_between_receivers_and_cover_every_edge(monkeypatch):
     receiver = torch.tensor([0, 0, 0, 1, 3, 3, 4, 4, 4, 4, 6])
     edge_index = torch.stack([torch.zeros_like(receiver), receiver])
     monkeypatch.setattr(edge_kernel, "BLOCK_BYTES", 3)
+    monkeypatch.setattr(edge_kernel, "MIN_BLOCK_EDGES_PER_NODE", 0)
     blocks = edge_blocks(edge_index, 7, row_bytes=1)  # ~3 edges a block
     assert [(b.edges.start, b.edges.stop) for b in blocks] == [(0, 3), (3, 6), (6, 10), (10, 11)]
     for b in blocks:  # every block's CSR spans all nodes; its rows hold only its own receivers
         assert b.csr.rowptr.shape == (8,) and b.csr.rowptr[-1] == b.edges.stop - b.edges.start
     assert edge_blocks(edge_index[:, :0], 7, row_bytes=1) == []
+    monkeypatch.setattr(edge_kernel, "MIN_BLOCK_EDGES_PER_NODE", 2)  # >= 14 edges a block: one block
+    assert [(b.edges.start, b.edges.stop) for b in edge_blocks(edge_index, 7, row_bytes=1)] == [(0, 11)]
 
 
 @pytest.mark.parametrize("block_bytes", [8 << 20, 64], ids=["one-block", "many-blocks"])
@@ -137,6 +140,7 @@ def test_model_energy_and_forces_fused_equal_eager_periodic(monkeypatch, variant
             torch.as_tensor(shift))
     assert model.edge_backend() == "cpp"
     monkeypatch.setattr(edge_kernel, "BLOCK_BYTES", block_bytes)  # 64 bytes: one edge per block
+    monkeypatch.setattr(edge_kernel, "MIN_BLOCK_EDGES_PER_NODE", 0)
     e_fused, f_fused = _energy_and_forces(model, args, "auto", monkeypatch)
     e_eager, f_eager = _energy_and_forces(model, args, "eager", monkeypatch)
     torch.testing.assert_close(e_fused, e_eager, rtol=0, atol=1e-10)
