@@ -2,12 +2,12 @@
 
 An energy + forces call of the eager attention layer spends ~75% of its time in the
 element-wise ops, gathers and scatters over ``[E, F]``-sized tensors between the GEMMs
-(``docs/quantization.md``, "Speed"). :func:`edge_attention` does that work of one layer,
+(``docs/speed.md``). :func:`edge_attention` does that work of one layer,
 from the node-wise ``qkv`` and ``v_in`` and the edge-wise filters to the aggregated
 messages, in one C++ pass per receiver (``qeq_ase/csrc/edge_attention.cpp``), with a
-first-order backward that gives forces. It computes exactly what
-:meth:`qeq_ase.attention.EquivariantAttention.forward` computes (sink softmax, cosine or
-dot-product logits), up to float rounding.
+first-order backward that gives forces. It computes what the eager
+``EquivariantAttention._messages`` computes (sink softmax, cosine or dot-product logits),
+up to float rounding.
 
 It has no double backward (``once_differentiable``): training on forces
 (``create_graph=True``) keeps the eager path. The fused path is chosen by
