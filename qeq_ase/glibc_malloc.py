@@ -2,9 +2,10 @@
 
 glibc serves every allocation above ``M_MMAP_THRESHOLD`` (at most 32 MB by default) with a
 fresh ``mmap`` and returns it to the system on free, so each call of the model faults in
-the pages of its ``[E, 4F]`` edge filters and their gradients again (38 MB each for 1,344
-atoms). Measured through the calculator (64 aspirin copies, 1 thread): 150-200 ms of system
-time per call, about 30% of it (``docs/speed.md``). Serving those blocks from the heap
+the pages of its large per-edge tensors again. Measured through the calculator (64 aspirin
+copies, 1 thread) before the fused path cut its edges into blocks: 150-200 ms of system time
+per call, about 30% of it; with the blocks 20-35 ms, and large systems (~10,000 atoms) still
+allocate per-edge tensors far above 32 MB (``docs/speed.md``). Serving those from the heap
 and keeping freed memory for the next call removes that time; the price is that the
 process keeps its peak memory instead of giving it back.
 
