@@ -126,8 +126,8 @@ def set_backward_kernel(model: nn.Module, backward: str) -> nn.Module:
 
     ``"float"``: fp32 GEMM with the dequantized weight, exact for the straight-through
     gradient. ``"int8"``: ``g * s_w`` quantized per row in as many limbs as the layer's
-    inputs, then ``_int_mm`` with the int8 weight: with two limbs the forces move by <0.1
-    meV/Å on aspirin (``docs/speed.md``).
+    inputs, then ``_int_mm`` with the int8 weight: with two limbs the forces change by less
+    than 1e-4 of their RMS (tested; speed in ``docs/speed.md``).
     """
     if backward not in BACKWARD_KERNELS:
         raise ValueError(f"backward must be one of {BACKWARD_KERNELS}, not {backward!r}")
