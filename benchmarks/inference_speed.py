@@ -1,9 +1,11 @@
 """Energy + forces through the ASE calculator: fp32, bf16 autocast and INT8 of one model.
 
-INT8 runs three times: with two-limb inputs (``activation_limbs=2``, the shipped setting,
-smooth energy), as W8A8 (``activation_limbs=1``, one int8 code per input), and with two-limb
+INT8 runs four times: with two-limb inputs (``activation_limbs=2``, the shipped setting,
+smooth energy), as W8A8 (``activation_limbs=1``, one int8 code per input), with two-limb
 inputs and int8 input-gradient GEMMs ("int8-bwd", ``set_backward_kernel(model, "int8")``;
-the others run the backward GEMM in fp32 with the dequantized weight).
+the others run the backward GEMM in fp32 with the dequantized weight), and as the shipped
+setting with ``torch._int_mm`` as its GEMM ("int8 _int_mm", ``set_int8_gemm(model,
+"int_mm")``; the others use the default, oneDNN's int8 linear on AMX CPUs).
 
     PYTHONPATH=. python benchmarks/inference_speed.py [--fp32 aspirin_fp32] [--int8 aspirin_int8]
         [--threads 1 2] [--systems 1 64 476] [--seconds 3]
@@ -46,10 +48,12 @@ from ase import Atoms
 from qeq_ase.calculator import QEqCalculator
 from qeq_ase.dataset import load_rmd17
 from qeq_ase.glibc_malloc import keep_large_allocations
-from qeq_ase.int8_model import set_backward_kernel
+from qeq_ase.int8_linear import _Int8LinearBase
+from qeq_ase.int8_model import set_backward_kernel, set_int8_gemm
 
 RMD17 = Path(__file__).resolve().parents[2] / "shared" / "rmd17" / "rmd17_aspirin_test_01.npz"
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::_int_mm", "aten::matmul")
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::_int_mm", "aten::matmul",
+            "onednn::qlinear_pointwise")
 
 
 def cpu_name() -> str:
@@ -85,6 +89,12 @@ def edge_backend(name: str):
 def int8_backward(calc: QEqCalculator) -> QEqCalculator:
     """The calculator with int8 input-gradient GEMMs (two-limb gradients) in every int8 layer."""
     set_backward_kernel(calc.model, "int8")
+    return calc
+
+
+def int_mm(calc: QEqCalculator) -> QEqCalculator:
+    """The calculator with ``torch._int_mm`` as the GEMM of every int8 layer."""
+    set_int8_gemm(calc.model, "int_mm")
     return calc
 
 
@@ -130,10 +140,12 @@ def main() -> None:
              "int8": (QEqCalculator(args.int8, activation_limbs=2), False, "auto"),
              "int8 W8A8": (QEqCalculator(args.int8, activation_limbs=1), False, "auto"),
              "int8 int8-bwd": (int8_backward(QEqCalculator(args.int8, activation_limbs=2)), False, "auto"),
+             "int8 _int_mm": (int_mm(QEqCalculator(args.int8, activation_limbs=2)), False, "auto"),
              "fp32 eager edges": (QEqCalculator(args.fp32), False, "eager")}
-    others = ["bf16", "int8", "int8 W8A8", "int8 int8-bwd"]
+    others = ["bf16", "int8", "int8 W8A8", "int8 int8-bwd", "int8 _int_mm"]
+    gemm = next(m.gemm for m in calcs["int8"][0].model.modules() if isinstance(m, _Int8LinearBase))
     print(f"CPU {cpu_name()}, torch {torch.__version__}, glibc malloc "
-          f"{'keeps large allocations' if tuned else 'default'}")
+          f"{'keeps large allocations' if tuned else 'default'}, int8 GEMM (default): {gemm}")
     print("| atoms | threads | " + " | ".join(f"{name} (ms)" for name in calcs) + " | "
           + " | ".join(f"{name} speed-up" for name in others)
           + " | fused speed-up | GEMM share fp32 | GEMM share int8 | edge share fp32 |")

@@ -6,15 +6,26 @@
 pass is::
 
     codes = quantize(x)                         int8 [M, K]       (one fused pass)
-    acc   = torch._int_mm(codes, W_q^T)         int32 [rows, N]   (oneDNN, VNNI)
+    acc   = int8_gemm(codes, W_q^T)             int32 [rows, N]
     y     = acc * row_scale * s_w + b           float32 [M, N]    (one fused pass)
 
-where the GEMM and the rescale run on blocks of rows whose int32 result stays in L2.
+The int8 GEMM (``gemm``, :data:`GEMMS`) is ``torch._int_mm`` (oneDNN's VNNI kernel,
+every x86 CPU), with the GEMM and the rescale run on blocks of rows whose int32 result
+stays in cache, or oneDNN's int8 linear ``onednn::qlinear_pointwise`` on a weight packed
+once by ``onednn::qlinear_prepack``, which uses AMX-INT8 tiles. ``gemm="auto"`` picks
+oneDNN where the CPU has AMX-INT8 (:func:`cpu_has_amx_int8`) and ``_int_mm`` elsewhere:
+without AMX, oneDNN's int8 linear falls back to a reference kernel ~1000x slower
+(``shared/notes/int8-on-cpu.md``). With oneDNN the scales and the bias are applied in the GEMM's epilogue and the lo limb's
+product is added by its "sum" post-op, so no int32 accumulator is stored (the two GEMMs
+agree to float32 rounding, ~1e-7). Inputs of fewer than ``ONEDNN_MIN_ROWS`` (128) rows use
+``_int_mm``, whose fixed cost is lower.
 
 With ``activation_limbs = 2`` (:meth:`_Int8LinearBase.set_activation_limbs`, the shipped
 setting) each input ``y = x / s_x`` is carried as two int8 codes, ``hi = round(y)`` and
 ``lo = round((y - hi) * 2 qmax)``, in interleaved rows of one ``[2M, K]`` code matrix: the
-same ``_int_mm`` on twice the rows, then ``acc_hi + acc_lo / (2 qmax)`` in the rescale. The
+same ``_int_mm`` on twice the rows, then ``acc_hi + acc_lo / (2 qmax)`` in the rescale
+(oneDNN: two GEMMs on the hi and lo halves of a planar ``[2M, K]``, the second with the
+step divided by ``2 qmax`` and summed into the first). The
 input grid is 254 times finer, which makes the energy smooth enough in the positions for MD
 (``docs/quantization.md``, "Smoothness").
 
@@ -35,7 +46,7 @@ Backward (forces): with the straight-through estimator the layer is linear in ``
 (0 where ``x`` was clipped). ``backward="float"`` (default) uses a cached float copy of
 ``W_deq`` and an fp32 GEMM, exact with respect to the dequantized layer;
 ``backward="int8"`` quantizes ``g * s_w`` per row (in as many limbs as the layer's inputs)
-and reuses ``W_q`` in ``_int_mm``.
+and reuses ``W_q`` (packed transposed for oneDNN) in the int8 GEMM.
 Double backward (``create_graph=True``) runs a differentiable float path that gives the
 same second derivatives as the fake-quantized QAT layer (the STE mask has zero derivative).
 
@@ -63,11 +74,15 @@ from .quantizers import (TINY, LSQQuantizer, MDDQQuantizer, fake_quantize_limbs,
 
 BACKENDS = ("auto", "cpp", "eager")
 BACKWARD_KERNELS = ("float", "int8")
+GEMMS = ("auto", "int_mm", "onednn")
+#: Input rows below which the oneDNN GEMM is not used (also ``kOnednnMinRows`` in the C++ file).
+ONEDNN_MIN_ROWS = 128
 INPUT_MODES = ("static", "atom")
 ACTIVATION_LIMBS = (1, 2)
 EXTENSION_NAME = "qeq_int8_kernels"
 _SOURCE = CSRC / "int8_kernels.cpp"
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+_NO_PACK = torch.empty(0, dtype=torch.int8)  # "no packed weight": the GEMM is torch._int_mm
 
 
 # ---------------------------------------------------------------------------------------
@@ -90,24 +105,26 @@ class EagerKernels:
         return codes, scale.reshape(-1)
 
     @staticmethod
-    def split_limbs(y, qmax):
-        """``[M, K]`` values on the step grid -> ``[2M, K]`` interleaved (hi, lo) int8 codes."""
+    def split_limbs(y, qmax, planar=False):
+        """``[M, K]`` values on the step grid -> ``[2M, K]`` (hi, lo) int8 codes: rows
+        interleaved (``_int_mm``) or planar, all hi rows then all lo rows (oneDNN)."""
         yc = torch.clamp(y, -qmax, qmax)
         hi = torch.round(yc)
         lo = torch.round((yc - hi) * (2.0 * qmax))
-        return torch.stack([hi, lo], dim=1).reshape(2 * y.shape[0], y.shape[1]).to(torch.int8)
+        return torch.stack([hi, lo], dim=0 if planar else 1).reshape(2 * y.shape[0], y.shape[1]).to(torch.int8)
 
     @classmethod
-    def quantize_static_limbs(cls, x, step, qmax):
-        return cls.split_limbs(x / step, qmax)
+    def quantize_static_limbs(cls, x, step, qmax, planar=False):
+        return cls.split_limbs(x / step, qmax, planar)
 
     @classmethod
-    def quantize_per_atom_limbs(cls, v, qmax, tiny, limbs):
+    def quantize_per_atom_limbs(cls, v, qmax, tiny, limbs, planar=False):
         if limbs == 1:
             return cls.quantize_per_atom(v, qmax, tiny)
         scale = per_atom_scale(v, qmax)
-        codes = cls.split_limbs((v / scale).reshape(-1, v.shape[2]), qmax)
-        return codes.view(v.shape[0], 3, 2, v.shape[2]), scale.reshape(-1)
+        codes = cls.split_limbs((v / scale).reshape(-1, v.shape[2]), qmax, planar)
+        shape = (2, v.shape[0], 3, v.shape[2]) if planar else (v.shape[0], 3, 2, v.shape[2])
+        return codes.view(shape), scale.reshape(-1)
 
     @staticmethod
     def quantize_per_row(x, col_scale, qmax, tiny):
@@ -116,17 +133,17 @@ class EagerKernels:
         return torch.clamp(torch.round(y / scale[:, None]), -qmax, qmax).to(torch.int8), scale
 
     @classmethod
-    def quantize_per_row_limbs(cls, x, col_scale, qmax, tiny, limbs):
+    def quantize_per_row_limbs(cls, x, col_scale, qmax, tiny, limbs, planar=False):
         if limbs == 1:
             return cls.quantize_per_row(x, col_scale, qmax, tiny)
         y = x * col_scale if col_scale is not None else x
         scale = y.abs().amax(dim=1).clamp_min(tiny) / qmax
-        return cls.split_limbs(y / scale[:, None], qmax), scale
+        return cls.split_limbs(y / scale[:, None], qmax, planar), scale
 
     @staticmethod
     def rescale(acc, row_scale, row_group, col_scale, bias, mask_x, mask_step, qmax, limbs=1):
         r = row_scale if row_scale.numel() == 1 else row_scale.repeat_interleave(row_group)[:, None]
-        out = acc.to(row_scale.dtype)
+        out = acc.to(row_scale.dtype)  # int32, or float32 holding the same integers (oneDNN)
         if limbs == 2:
             pairs = out.view(-1, 2, out.shape[1])
             out = pairs[:, 0] + pairs[:, 1] * (1.0 / (2.0 * qmax))
@@ -144,29 +161,44 @@ class EagerKernels:
         return grad.mul_(((y >= -qmax) & (y <= qmax)).to(grad.dtype))
 
     @classmethod
-    def linear_static_forward(cls, x, step, qmax, w_t, w_scale, bias, limbs=1):
-        codes = cls.quantize_per_tensor(x, step, qmax) if limbs == 1 else cls.quantize_static_limbs(x, step, qmax)
-        acc = torch._int_mm(codes, w_t)
+    def linear_static_forward(cls, x, step, qmax, w_t, w_scale, bias, limbs=1, packed=None):
+        onednn = _use_onednn(packed, x.shape[0])
+        codes = (cls.quantize_per_tensor(x, step, qmax) if limbs == 1
+                 else cls.quantize_static_limbs(x, step, qmax, planar=onednn))
         clipped = bool((x.abs() / step > qmax).any())
+        if onednn:
+            return _onednn_linear(codes, limbs, step, 1.0 / (2.0 * qmax), packed, w_scale, bias), clipped
+        acc = torch._int_mm(codes, w_t)
         return cls.rescale(acc, x.new_full((1,), step), 1, w_scale, bias, None, 1.0, qmax, limbs), clipped
 
     @classmethod
-    def linear_atom_forward(cls, x, qmax, tiny, w_t, w_scale, limbs=1):
-        codes, scale = cls.quantize_per_atom_limbs(x.view(-1, 3, x.shape[1]), qmax, tiny, limbs)
-        acc = torch._int_mm(codes.view(limbs * x.shape[0], x.shape[1]), w_t)
-        return cls.rescale(acc, scale, 3, w_scale, None, None, 1.0, qmax, limbs)
+    def linear_atom_forward(cls, x, qmax, tiny, w_t, w_scale, limbs=1, packed=None):
+        onednn = _use_onednn(packed, x.shape[0])
+        codes, scale = cls.quantize_per_atom_limbs(x.view(-1, 3, x.shape[1]), qmax, tiny, limbs, planar=onednn)
+        codes = codes.reshape(limbs * x.shape[0], x.shape[1])
+        if onednn:
+            y = _onednn_linear(codes, limbs, 1.0, 1.0 / (2.0 * qmax), packed, w_scale, None)
+            return y.mul_(scale.repeat_interleave(3)[:, None])
+        return cls.rescale(torch._int_mm(codes, w_t), scale, 3, w_scale, None, None, 1.0, qmax, limbs)
 
     @classmethod
-    def linear_backward_int8(cls, grad, w_scale, w, x, step, qmax, tiny, limbs=1):
-        codes, scale = cls.quantize_per_row_limbs(grad, w_scale, 127, tiny, limbs)
-        out = cls.rescale(torch._int_mm(codes, w), scale, 1, None, None, None, 1.0, 127, limbs)
+    def linear_backward_int8(cls, grad, w_scale, w, x, step, qmax, tiny, limbs=1, packed=None):
+        onednn = _use_onednn(packed, grad.shape[0])
+        codes, scale = cls.quantize_per_row_limbs(grad, w_scale, 127, tiny, limbs, planar=onednn)
+        if onednn:
+            out = _onednn_linear(codes, limbs, 1.0, 1.0 / 254.0, packed, grad.new_ones(w.shape[1]), None)
+            out.mul_(scale[:, None])
+        else:
+            out = cls.rescale(torch._int_mm(codes, w), scale, 1, None, None, None, 1.0, 127, limbs)
         if x is not None:
             cls.ste_mask_(out, x, step, qmax)
         return out
 
     @staticmethod
-    def int8_linear(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8, limbs=1):
-        return _EagerInt8Linear.apply(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8, limbs)
+    def int8_linear(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8, limbs=1,
+                    w_packed=_NO_PACK, w_t_packed=_NO_PACK):
+        return _EagerInt8Linear.apply(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8, limbs,
+                                      w_packed, w_t_packed)
 
 
 _EXTENSION = LazyExtension(EXTENSION_NAME, _SOURCE, _CFLAGS, "the qeq_ase int8 C++ kernels",
@@ -195,6 +227,66 @@ def get_kernels(backend: str = "auto"):
         return EagerKernels
 
 
+def cpu_has_amx_int8() -> bool:
+    """Whether this CPU advertises AMX-INT8 (Linux ``/proc/cpuinfo`` flag ``amx_int8``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def resolve_gemm(gemm: str) -> str:
+    """``"int_mm"`` or ``"onednn"`` for a requested ``gemm`` (``"auto"``: oneDNN on AMX CPUs;
+    the environment variable ``QEQ_INT8_GEMM`` overrides ``"auto"``)."""
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm must be one of {GEMMS}, not {gemm!r}")
+    if gemm == "auto":
+        gemm = os.environ.get("QEQ_INT8_GEMM", "auto")
+        if gemm not in GEMMS:
+            raise ValueError(f"QEQ_INT8_GEMM must be one of {GEMMS}, not {gemm!r}")
+    if gemm == "auto":
+        gemm = "onednn" if cpu_has_amx_int8() and hasattr(torch.ops.onednn, "qlinear_prepack") else "int_mm"
+    return gemm
+
+
+class _PackedWeights:
+    """oneDNN's packed copies of a layer's codes (forward ``W_q [N, K]`` and backward
+    ``W_q^T``), made on first use. Opaque oneDNN tensors cannot be copied or pickled, so a
+    copy of the layer starts without them (``_Int8LinearBase.__getstate__``)."""
+
+    def __init__(self):
+        self.tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, weight_int8: torch.Tensor, weight_int8_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tensors is None:
+            prepack = torch.ops.onednn.qlinear_prepack
+            self.tensors = (prepack(weight_int8, [1, weight_int8.shape[1]]),
+                            prepack(weight_int8_t, [1, weight_int8_t.shape[1]]))
+        return self.tensors
+
+
+def _use_onednn(packed: torch.Tensor | None, rows: int) -> bool:
+    return packed is not None and packed.numel() > 0 and rows >= ONEDNN_MIN_ROWS
+
+
+def _onednn_linear(codes, limbs, x_scale, inv_lo, packed, w_scale, bias):
+    """Eager twin of ``onednn_linear`` in the C++ file: oneDNN scales the hi limb's product
+    and adds the lo limb's (planar codes ``[limbs * M, K]``) with its "sum" post-op."""
+    m = codes.shape[0] // limbs
+    zeros = torch.zeros(w_scale.numel(), dtype=torch.long)
+    bias = bias if bias is not None and bias.numel() else None
+    y = torch.ops.onednn.qlinear_pointwise(codes[:m], x_scale, 0, packed, w_scale, zeros, bias, 1.0, 0,
+                                           torch.float32, "none", [], "")
+    if limbs == 2:
+        torch.ops.onednn.qlinear_pointwise.binary(codes[m:], x_scale * inv_lo, 0, packed, w_scale, zeros, y, None,
+                                                  1.0, 0, torch.float32, 1.0, 0, "sum", 1.0, "none", [], "")
+    return y
+
+
 # ---------------------------------------------------------------------------------------
 # autograd
 # ---------------------------------------------------------------------------------------
@@ -207,13 +299,15 @@ class _EagerInt8Linear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8, limbs=1):
+    def forward(ctx, x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8, limbs=1,
+                w_packed=_NO_PACK, w_t_packed=_NO_PACK):
         if atom:
-            y, clipped = EagerKernels.linear_atom_forward(x, qmax, TINY, w_t, w_scale, limbs), False
+            y, clipped = EagerKernels.linear_atom_forward(x, qmax, TINY, w_t, w_scale, limbs, w_packed), False
         else:
-            y, clipped = EagerKernels.linear_static_forward(x, step, qmax, w_t, w_scale, bias, limbs)
+            y, clipped = EagerKernels.linear_static_forward(x, step, qmax, w_t, w_scale, bias, limbs, w_packed)
         ctx.save_for_backward(x if clipped else None, w, w_deq, w_scale)  # x only for the STE mask
         ctx.step, ctx.qmax, ctx.backward_int8, ctx.limbs = step, qmax, backward_int8, limbs
+        ctx.w_t_packed = w_t_packed
         return y
 
     @staticmethod
@@ -232,8 +326,8 @@ class _EagerInt8Linear(torch.autograd.Function):
                 EagerKernels.ste_mask_(gx, x, ctx.step, ctx.qmax)
         else:
             gx = EagerKernels.linear_backward_int8(grad.contiguous(), w_scale, w, x, ctx.step, ctx.qmax, TINY,
-                                                   ctx.limbs)
-        return (gx,) + (None,) * 10
+                                                   ctx.limbs, ctx.w_t_packed)
+        return (gx,) + (None,) * 12
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,7 +342,7 @@ class _Int8LinearBase(nn.Module):
     input_mode = "static"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, input_qmax: int = 127,
-                 backend: str = "auto", backward: str = "float"):
+                 backend: str = "auto", backward: str = "float", gemm: str = "auto"):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
@@ -256,6 +350,7 @@ class _Int8LinearBase(nn.Module):
             raise ValueError(f"backward must be one of {BACKWARD_KERNELS}, not {backward!r}")
         self.in_features, self.out_features = in_features, out_features
         self.input_qmax, self.backend, self.backward_kernel = input_qmax, backend, backward
+        self.gemm = resolve_gemm(gemm)
         self.activation_limbs = 1
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
@@ -279,6 +374,23 @@ class _Int8LinearBase(nn.Module):
         bias = self.bias if self.bias is not None else self.weight_scale.new_zeros(0)
         self._call = (self.weight_int8_t, self.weight_int8, self._weight_dequant, self.weight_scale, bias,
                       self.input_step_value, self.input_qmax, self.input_mode == "atom", self.activation_limbs)
+        self._packed = _PackedWeights()
+
+    def __getstate__(self):
+        # copy.deepcopy / pickle: the built C++ module and oneDNN's packed weights cannot be
+        # copied; the copy finds its kernels and packs its weights again on first use.
+        state = dict(super().__getstate__())
+        state["_kernels"], state["_packed"] = None, _PackedWeights()
+        return state
+
+    def set_gemm(self, gemm: str) -> None:
+        """The int8 GEMM: ``"int_mm"``, ``"onednn"`` or ``"auto"`` (see :data:`GEMMS`)."""
+        self.gemm = resolve_gemm(gemm)
+
+    def _packed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.gemm != "onednn" or self.weight_int8.device.type != "cpu":
+            return _NO_PACK, _NO_PACK
+        return self._packed.get(self.weight_int8, self.weight_int8_t)
 
     def set_activation_limbs(self, limbs: int) -> None:
         """1: int8 input codes (W8A8); 2: two int8 limbs per input, a 2 qmax times finer grid."""
@@ -308,8 +420,11 @@ class _Int8LinearBase(nn.Module):
         """What runs: GEMM, quantize/rescale kernels, backward GEMM (builds the C++ kernels)."""
         backward = ("fp32 GEMM with the dequantized weight" if self.backward_kernel == "float"
                     else f"torch._int_mm with per-row {'two-limb ' if self.activation_limbs == 2 else ''}int8 gradients")
-        return (f"torch._int_mm (int8 x int8 -> int32) + {self._ops().name} quantize/rescale; "
-                f"backward: {backward}")
+        gemm = (f"oneDNN qlinear_pointwise (int8 x int8, AMX-INT8 where present; torch._int_mm below "
+                f"{ONEDNN_MIN_ROWS} code rows)" if self.gemm == "onednn" else "torch._int_mm (int8 x int8 -> int32)")
+        if self.backward_kernel == "int8" and self.gemm == "onednn":
+            backward = backward.replace("torch._int_mm", "the same int8 GEMM")
+        return f"{gemm} + {self._ops().name} quantize/rescale; backward: {backward}"
 
     def dequantized_weight(self) -> torch.Tensor:
         """``W_q * s_w`` as float32 ``[out, in]`` (cached; the effective weight of the layer)."""
@@ -332,17 +447,19 @@ class _Int8LinearBase(nn.Module):
             x2d = x2d.contiguous()
         w_t, w, w_deq, w_scale, bias, step, qmax, atom, limbs = self._call
         ops = self._kernels or self._ops()
+        w_packed, w_t_packed = self._packed_weights()
         if x2d.requires_grad and torch.is_grad_enabled():
             return ops.int8_linear(x2d, w_t, w, w_deq, w_scale, bias, step, qmax, atom,
-                                   self.backward_kernel == "int8", limbs)
+                                   self.backward_kernel == "int8", limbs, w_packed, w_t_packed)
         if atom:  # no autograd node needed
-            return ops.linear_atom_forward(x2d, qmax, TINY, w_t, w_scale, limbs)
-        return ops.linear_static_forward(x2d, step, qmax, w_t, w_scale, bias, limbs)[0]
+            return ops.linear_atom_forward(x2d, qmax, TINY, w_t, w_scale, limbs, w_packed)
+        return ops.linear_static_forward(x2d, step, qmax, w_t, w_scale, bias, limbs, w_packed)[0]
 
     def extra_repr(self) -> str:
         inputs = "int8" if self.activation_limbs == 1 else "two-limb int8"
         return (f"{self.irreps_in} -> {self.irreps_out}, int8 weights, {self.input_mode} {inputs} inputs, "
-                f"bias={self.bias is not None}, backend={self.backend}, backward={self.backward_kernel}")
+                f"bias={self.bias is not None}, backend={self.backend}, gemm={self.gemm}, "
+                f"backward={self.backward_kernel}")
 
 
 class Int8ScalarLinear(_Int8LinearBase):

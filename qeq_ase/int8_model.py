@@ -103,7 +103,7 @@ def set_activation_limbs(model: nn.Module, limbs: int) -> nn.Module:
     straight-through gradient, not the gradient of that energy: NVE totals jump from step to
     step and BFGS does not converge (``docs/quantization.md``, "Smoothness").
     ``2``: two int8 limbs per input (the grid ``2 qmax`` = 254 times finer, ~15 bits), the
-    same int8 weights and one ``_int_mm`` on twice the rows; the float MDDQ rounding of the
+    same int8 weights and one int8 GEMM on twice the rows; the float MDDQ rounding of the
     vector messages is skipped, because it is not needed for the GEMM and is a step function too.
     """
     if limbs not in ACTIVATION_LIMBS:
@@ -126,7 +126,7 @@ def set_backward_kernel(model: nn.Module, backward: str) -> nn.Module:
 
     ``"float"``: fp32 GEMM with the dequantized weight, exact for the straight-through
     gradient. ``"int8"``: ``g * s_w`` quantized per row in as many limbs as the layer's
-    inputs, then ``_int_mm`` with the int8 weight: with two limbs the forces change by less
+    inputs, then the int8 GEMM with the int8 weight: with two limbs the forces change by less
     than 1e-4 of their RMS (tested; speed in ``docs/speed.md``).
     """
     if backward not in BACKWARD_KERNELS:
@@ -137,6 +137,30 @@ def set_backward_kernel(model: nn.Module, backward: str) -> nn.Module:
         if isinstance(module, _Int8LinearBase):
             module.backward_kernel = backward
     return model
+
+
+def set_int8_gemm(model: nn.Module, gemm: str) -> nn.Module:
+    """Choose the int8 GEMM of every int8 layer of ``model``; returns ``model``.
+
+    ``"onednn"``: oneDNN's int8 linear (``qlinear_pointwise``, AMX-INT8 tiles);
+    ``"int_mm"``: ``torch._int_mm`` (VNNI); ``"auto"`` (the default of every layer): oneDNN
+    where the CPU has AMX-INT8, else ``_int_mm``. Both give bit-identical results
+    (tested); only the speed differs (``docs/speed.md``).
+    """
+    if not is_int8_model(model):
+        raise ValueError("the int8 GEMM applies to int8 models only")
+    for module in model.modules():
+        if isinstance(module, _Int8LinearBase):
+            module.set_gemm(gemm)
+    return model
+
+
+def int8_gemm(model: nn.Module) -> str:
+    """The int8 GEMM the int8 layers of ``model`` run (``"int_mm"`` or ``"onednn"``)."""
+    kinds = {m.gemm for m in model.modules() if isinstance(m, _Int8LinearBase)}
+    if len(kinds) != 1:
+        raise ValueError(f"expected one int8 GEMM in an int8 model, found {sorted(kinds)}")
+    return kinds.pop()
 
 
 def is_int8_model(model: nn.Module) -> bool:
@@ -371,7 +395,7 @@ def int8_kernel_report(model: nn.Module, build_kernels: bool = True) -> dict:
     layers, n_int8, n_float, quantizers = {}, 0, 0, []
     for path, m in model.named_modules():
         if isinstance(m, _Int8LinearBase):
-            kernel = m.kernel if build_kernels else f"torch._int_mm (int8 x int8 -> int32), backend={m.backend}"
+            kernel = m.kernel if build_kernels else f"int8 GEMM {m.gemm}, backend={m.backend}"
             layers[path] = {"kind": f"int8 {type(m).__name__}, {m.input_mode} inputs",
                             "shape": f"{m.in_features} -> {m.out_features}", "kernel": kernel}
             n_int8 += 1

@@ -302,3 +302,61 @@ def test_two_limb_layers_are_close_to_the_float_layer_and_keep_the_gradient(back
     assert rel_err(vector(vin), exact) < rel_err(one, exact) / 50
     with pytest.raises(ValueError, match="activation limbs"):
         vector.set_activation_limbs(3)
+
+
+needs_onednn = pytest.mark.skipif(not hasattr(torch.ops.onednn, "qlinear_prepack"),
+                                  reason="this torch build has no oneDNN int8 linear")
+
+
+@needs_onednn
+@pytest.mark.parametrize("backend", ["cpp", "eager"])
+@pytest.mark.parametrize("limbs", [1, 2])
+def test_onednn_and_int_mm_gemms_agree(limbs, backend):
+    """oneDNN's int8 linear (AMX) with its epilogue scales and "sum" of the lo limb gives
+    the layer outputs and int8-backward gradients of ``torch._int_mm`` + rescale up to
+    float32 rounding, on both sides of the row count where the layer switches GEMM."""
+    import copy
+
+    torch.manual_seed(11)
+    for make, shape in ((lambda: Int8ScalarLinear.from_qat(qat_scalar(clip=True), backward="int8", backend=backend),
+                         (300, 32)),
+                        (lambda: Int8VectorLinear.from_qat(qat_vector(), backward="int8", backend=backend),
+                         (100, 3, 32))):
+        a, b = make(), make()
+        a.set_gemm("int_mm")
+        b.set_gemm("onednn")
+        for layer in (a, b):
+            layer.set_activation_limbs(limbs)
+        assert "qlinear_pointwise" in b.kernel and "qlinear_pointwise" not in a.kernel
+        for rows in (1, shape[0]):  # 1 row: below ONEDNN_MIN_ROWS, _int_mm runs in both
+            x = torch.randn(rows, *shape[1:]) * 1.5
+            g = torch.randn(*a(x).shape)
+            xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            ya, yb = a(xa), b(xb)
+            assert rel_err(yb.detach(), ya.detach()) < 1e-6
+            assert rel_err(yb.detach(), b.reference_forward(x)) < FLOAT_RTOL
+            ya.backward(g)
+            yb.backward(g)
+            assert rel_err(xb.grad, xa.grad) < 1e-6
+            assert torch.equal(xb.grad == 0, xa.grad == 0)  # the same STE mask
+        c = copy.deepcopy(b)  # oneDNN's packed weights cannot be copied: the copy packs its own
+        assert torch.equal(c(x), b(x))
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        a.set_gemm("amx")
+
+
+def test_planar_two_limb_codes_hold_the_interleaved_rows():
+    cpp = int8_linear.load_cpp_kernels()
+    torch.manual_seed(12)
+    x, v, cs = torch.randn(37, 20), torch.randn(11, 3, 20), torch.rand(20)
+    inter = cpp.quantize_static_limbs(x, 0.01, 127)
+    planar = cpp.quantize_static_limbs(x, 0.01, 127, planar=True)
+    assert torch.equal(planar, inter.view(37, 2, 20).transpose(0, 1).reshape(74, 20))
+    assert torch.equal(planar, EagerKernels.quantize_static_limbs(x, 0.01, 127, planar=True))
+    codes, scale = cpp.quantize_per_atom_limbs(v, 127, 1e-30, 2, planar=True)
+    assert torch.equal(codes, cpp.quantize_per_atom_limbs(v, 127, 1e-30, 2)[0].permute(2, 0, 1, 3))
+    assert torch.equal(codes, EagerKernels.quantize_per_atom_limbs(v, 127, 1e-30, 2, planar=True)[0])
+    codes, scale = cpp.quantize_per_row_limbs(x, cs, 127, 1e-30, 2, planar=True)
+    assert torch.equal(codes, cpp.quantize_per_row_limbs(x, cs, 127, 1e-30, 2)[0].view(37, 2, 20).transpose(0, 1)
+                       .reshape(74, 20))
+    assert torch.equal(codes, EagerKernels.quantize_per_row_limbs(x, cs, 127, 1e-30, 2, planar=True)[0])

@@ -29,7 +29,7 @@ from qeq_ase.checkpoint import (PotentialFileError, load_potential_file, pack_st
                                 save_potential)
 from qeq_ase.equivariance import check_equivariance
 from qeq_ase.graph import molecules_to_graph
-from qeq_ase.int8_linear import Int8ScalarLinear, Int8VectorLinear
+from qeq_ase.int8_linear import Int8ScalarLinear, Int8VectorLinear, resolve_gemm
 from qeq_ase.int8_model import (build_int8_model, convert_to_int8, int8_kernel_report, int8_model_skeleton,
                                 int8_state_dict, set_activation_limbs, set_backward_kernel, state_dict_nbytes)
 from qeq_ase.layers import FeatureObserver
@@ -85,6 +85,11 @@ def int8_file(tmp_path_factory):
     return path, qat
 
 
+def is_int8_gemm(event_name: str) -> bool:
+    """Whether a profiler event is an int8 GEMM (``torch._int_mm`` or oneDNN's int8 linear)."""
+    return "_int_mm" in event_name or "qlinear_pointwise" in event_name
+
+
 def test_every_scalar_and_vector_linear_runs_an_int8_gemm(models):
     scheme, qat, model = models
     config = model.config
@@ -97,7 +102,8 @@ def test_every_scalar_and_vector_linear_runs_an_int8_gemm(models):
     assert report["layers"]["neighbor_embedding.radial"]["shape"] == "8 -> 16"
     assert report["layers"]["neighbor_embedding.combine"]["kind"].startswith("int8")
     int8_rows = [row for row in report["layers"].values() if row["kind"].startswith("int8")]
-    assert len(int8_rows) == n_int8 and all(row["kernel"].startswith("torch._int_mm") for row in int8_rows)
+    gemm = "oneDNN qlinear_pointwise" if resolve_gemm("auto") == "onednn" else "torch._int_mm"
+    assert len(int8_rows) == n_int8 and all(row["kernel"].startswith(gemm) for row in int8_rows)
     vector_mode = "atom" if scheme == "full" else "static"
     assert report["layers"]["layers.1.vector_mix"]["kind"] == f"int8 Int8VectorLinear, {vector_mode} inputs"
     # linked scalar observers became identities; vector_in stays a float fake quantizer
@@ -165,7 +171,7 @@ def test_forward_runs_int8_gemms_and_never_a_dequantized_float_layer(models, mon
     with torch.no_grad(), torch.profiler.profile() as prof:
         model(graph.positions, model.species_index(graph.numbers), graph.edge_index)
     names = [event.name for event in prof.events()]
-    assert sum("_int_mm" in name for name in names) >= int8_kernel_report(model)["int8_gemm_layers"]
+    assert sum(is_int8_gemm(name) for name in names) >= int8_kernel_report(model)["int8_gemm_layers"]
     assert names.count("aten::linear") == 2   # the K = num_radial projections only (radial and neighbour embedding)
 
 
@@ -233,7 +239,7 @@ def test_calculator_runs_an_int8_file(int8_file):
         forces = atoms.get_forces()
     energy = atoms.get_potential_energy()
     assert forces.shape == (len(NUMBERS), 3) and np.isfinite(forces).all()
-    assert sum("_int_mm" in event.name for event in prof.events()) >= 15   # int8 GEMMs ran
+    assert sum(is_int8_gemm(event.name) for event in prof.events()) >= 15   # int8 GEMMs ran
     assert int8_kernel_report(calc.model)["int8_gemm_layers"] == 15
     # Activation rounding makes the int8 energy piecewise constant, so finite differences
     # of it are not the forces; the forces are those of the QAT model (straight-through).

@@ -1,4 +1,5 @@
-// Fused element-wise kernels around torch._int_mm for qeq_ase.int8_linear.
+// Fused element-wise kernels around the int8 GEMMs (torch._int_mm, or oneDNN's int8 linear
+// on AMX) for qeq_ase.int8_linear.
 //
 // Built lazily by qeq_ase/int8_linear.py (torch.utils.cpp_extension.load) on first use.
 // Every kernel is one pass over its data (rows fit in L1) and follows the operation
@@ -6,13 +7,14 @@
 // bit for bit with the fake quantizers of QAT: x / step (a true division, not x * 1/step),
 // clamp, round half to even, no fused multiply-add (built with -ffp-contract=off).
 //
-// Shapes: x [M, K] float32, codes [M, K] int8, acc [M, N] int32 (torch._int_mm output),
+// Shapes: x [M, K] float32, codes [M, K] int8, acc [M, N] int32 (the GEMM's output),
 // vectors [N, 3, F] float32 (Cartesian axis in the middle, as in qeq_ase.layers).
 //
 // Two-limb activations (limbs = 2): each input y = x / step (clamped to [-qmax, qmax]) is
 // carried as hi = round(y) and lo = round((y - hi) * 2 qmax), two int8 codes whose rows are
 // interleaved in a [2M, K] code matrix; one _int_mm then gives both partial products and
-// the rescale adds acc_hi + acc_lo / (2 qmax). The activation grid is 2 qmax = 254 times
+// the rescale adds acc_hi + acc_lo / (2 qmax). For oneDNN the limbs are planar (all hi
+// rows, then all lo rows) and its GEMM epilogue does the scaling and the sum. The activation grid is 2 qmax = 254 times
 // finer (~15 bits) with the same int8 weights and GEMM, which makes the energy smooth
 // enough in the positions for MD (see docs/quantization.md, "Smoothness").
 
@@ -98,8 +100,17 @@ inline void split_limbs(float y, float lo_bound, float hi_bound, float scale, in
   *lo = static_cast<int8_t>(static_cast<int32_t>(round_half_even((yc - h) * scale)));
 }
 
-// Two-limb codes [2M, K] of x [M, K] with a static step (row 2m: hi, row 2m + 1: lo).
-at::Tensor quantize_static_limbs(const at::Tensor& x, double step, int64_t qmax, bool* clipped) {
+// Where the two limbs of input row m (of M rows of K codes) go. Interleaved (for
+// torch._int_mm, whose blocks then hold whole pairs): rows 2m (hi) and 2m + 1 (lo) of
+// [2M, K]. Planar (for oneDNN, which takes each limb as its own [M, K] operand): row m of
+// the hi half and row m of the lo half of [2M, K].
+inline int8_t* hi_row(int8_t* codes, int64_t m, int64_t K, bool planar) {
+  return codes + (planar ? m : 2 * m) * K;
+}
+inline int64_t lo_offset(int64_t M, int64_t K, bool planar) { return planar ? M * K : K; }
+
+// Two-limb codes [2M, K] of x [M, K] with a static step (interleaved or planar, see hi_row).
+at::Tensor quantize_static_limbs(const at::Tensor& x, double step, int64_t qmax, bool* clipped, bool planar) {
   check_float(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   const int64_t M = x.size(0), K = x.size(1);
@@ -113,8 +124,8 @@ at::Tensor quantize_static_limbs(const at::Tensor& x, double step, int64_t qmax,
     int32_t out = 0;
     for (int64_t m = begin; m < end; ++m) {
       const float* __restrict xr = xp + m * K;
-      int8_t* __restrict qh = qp + 2 * m * K;
-      int8_t* __restrict ql = qh + K;
+      int8_t* __restrict qh = hi_row(qp, m, K, planar);
+      int8_t* __restrict ql = qh + lo_offset(M, K, planar);
       for (int64_t k = 0; k < K; ++k) {
         const float y = xr[k] / s;
         out |= static_cast<int32_t>(y < lo) | static_cast<int32_t>(y > hi);
@@ -131,15 +142,17 @@ at::Tensor quantize_static_limbs(const at::Tensor& x, double step, int64_t qmax,
 //   scale[n] = max(max_f |v[n, :, f]|, tiny) / qmax,   codes = clamp(round(v / scale[n])).
 // |v[n, :, f]| is the Euclidean norm over the Cartesian axis, so scale[n] does not change
 // under a rotation of the molecule (a per-row max over x, y or z components would).
-// limbs = 2: codes [N, 3, 2, F] (for each Cartesian row the hi row, then the lo row).
+// limbs = 2: codes [N, 3, 2, F] (for each Cartesian row the hi row, then the lo row), or
+// planar [2, N, 3, F].
 std::tuple<at::Tensor, at::Tensor> quantize_per_atom_limbs(const at::Tensor& v, int64_t qmax, double tiny,
-                                                           int64_t limbs) {
+                                                           int64_t limbs, bool planar = false) {
   check_float(v, "v");
   TORCH_CHECK(v.dim() == 3 && v.size(1) == 3, "v must be [N, 3, F], got ", v.sizes());
   TORCH_CHECK(limbs == 1 || limbs == 2, "limbs must be 1 or 2");
   const int64_t N = v.size(0), F = v.size(2);
   auto codes = limbs == 1 ? at::empty(v.sizes(), v.options().dtype(at::kChar))
-                          : at::empty({N, 3, 2, F}, v.options().dtype(at::kChar));
+                          : at::empty(planar ? at::IntArrayRef{2, N, 3, F} : at::IntArrayRef{N, 3, 2, F},
+                                      v.options().dtype(at::kChar));
   auto scale = at::empty({N}, v.options());
   const float* vp = v.data_ptr<float>();
   int8_t* qp = codes.data_ptr<int8_t>();
@@ -166,8 +179,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_atom_limbs(const at::Tensor& v, 
         }
       } else {
         for (int64_t c = 0; c < 3; ++c) {
-          int8_t* __restrict qh = qp + (n * 3 + c) * 2 * F;
-          int8_t* __restrict ql = qh + F;
+          int8_t* __restrict qh = hi_row(qp, n * 3 + c, F, planar);
+          int8_t* __restrict ql = qh + lo_offset(3 * N, F, planar);
           const float* xc = x0 + c * F;
           for (int64_t f = 0; f < F; ++f) split_limbs(xc[f] / s, lo, hi, 2.0f * hi, qh + f, ql + f);
         }
@@ -184,10 +197,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_atom(const at::Tensor& v, int64_
 // Dynamic per-row quantization of y = x * col_scale (col_scale optional), x [M, K]:
 //   scale[m] = max(max_k |y[m, k]|, tiny) / qmax,   codes = round(y / scale[m]);
 // limbs = 2: codes [2M, K], interleaved (hi, lo) rows as in quantize_static_limbs.
-// Used for the int8 backward: g * s_w quantized per row, then _int_mm with W_q.
+// Used for the int8 backward: g * s_w quantized per row, then the int8 GEMM with W_q.
 std::tuple<at::Tensor, at::Tensor> quantize_per_row_limbs(const at::Tensor& x,
                                                           const c10::optional<at::Tensor>& col_scale, int64_t qmax,
-                                                          double tiny, int64_t limbs) {
+                                                          double tiny, int64_t limbs, bool planar = false) {
   check_float(x, "x");
   TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
   TORCH_CHECK(limbs == 1 || limbs == 2, "limbs must be 1 or 2");
@@ -218,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_row_limbs(const at::Tensor& x,
       const float amax = abs_max(rw, K);
       const float s = std::max(amax, tf) / hi;
       sp[m] = s;
-      int8_t* __restrict q = qp + limbs * m * K;
+      int8_t* __restrict q = limbs == 1 ? qp + m * K : hi_row(qp, m, K, planar);
       if (limbs == 1) {
         for (int64_t k = 0; k < K; ++k) {
           float y = rw[k] / s;
@@ -226,7 +239,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_row_limbs(const at::Tensor& x,
           q[k] = static_cast<int8_t>(static_cast<int32_t>(round_half_even(y)));
         }
       } else {
-        for (int64_t k = 0; k < K; ++k) split_limbs(rw[k] / s, lo, hi, 2.0f * hi, q + k, q + K + k);
+        int8_t* __restrict ql = q + lo_offset(M, K, planar);
+        for (int64_t k = 0; k < K; ++k) split_limbs(rw[k] / s, lo, hi, 2.0f * hi, q + k, ql + k);
       }
     }
   });
@@ -235,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_row_limbs(const at::Tensor& x,
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_row(const at::Tensor& x, const c10::optional<at::Tensor>& col_scale,
                                                     int64_t qmax, double tiny) {
-  return quantize_per_row_limbs(x, col_scale, qmax, tiny, 1);
+  return quantize_per_row_limbs(x, col_scale, qmax, tiny, 1, false);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -344,10 +358,79 @@ at::Tensor rescale(const at::Tensor& acc, const at::Tensor& row_scale, int64_t r
   return out;
 }
 
-// _int_mm(codes [M, K], w [K, N]) then rescale, in blocks of rows whose int32 result
-// (<= 1 MB) stays in L2: the full int32 [M, N] tensor is never written to memory, which
+// ---------------------------------------------------------------------------------------
+// oneDNN's int8 linear (AMX-INT8 where the CPU has it)
+// ---------------------------------------------------------------------------------------
+
+// A layer holding a weight packed by onednn::qlinear_prepack runs its GEMM through
+// onednn::qlinear_pointwise for inputs of at least kOnednnMinRows rows (below that the
+// call's fixed cost, ~20 us, exceeds the gain and torch._int_mm runs).
+constexpr int64_t kOnednnMinRows = 128;
+
+bool use_onednn(const c10::optional<at::Tensor>& packed, int64_t rows) {
+  return packed.has_value() && packed->defined() && packed->numel() > 0 && rows >= kOnednnMinRows;
+}
+
+// y = (hi @ W^T) * x_scale * w_scale + bias  [+ (lo @ W^T) * x_scale * inv_lo * w_scale]
+// codes: [M, K], or planar two-limb codes [2M, K] (hi rows, then lo rows). oneDNN applies
+// the scales and the bias in the GEMM's epilogue and adds the lo limb's product into y
+// with its "sum" post-op: y is written once per limb and no int32 accumulator is stored,
+// which for the two-limb edge filters ([E, 4F] outputs) halves the memory traffic of
+// _int_mm + rescale. Only a per-tensor x_scale exists, so per-row scales come after.
+at::Tensor onednn_linear(const at::Tensor& codes, int64_t limbs, double x_scale, double inv_lo,
+                         const at::Tensor& packed, const at::Tensor& w_scale,
+                         const c10::optional<at::Tensor>& bias) {
+  using Args = torch::List<std::optional<at::Scalar>>;
+  static const auto unary = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("onednn::qlinear_pointwise", "")
+      .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>,
+                        double, int64_t, std::optional<c10::ScalarType>, c10::string_view, Args, c10::string_view)>();
+  static const auto binary = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("onednn::qlinear_pointwise", "binary")
+      .typed<at::Tensor(at::Tensor, double, int64_t, at::Tensor, at::Tensor, at::Tensor, std::optional<at::Tensor>,
+                        std::optional<at::Tensor>, double, int64_t, std::optional<c10::ScalarType>, double, int64_t,
+                        c10::string_view, double, c10::string_view, Args, c10::string_view)>();
+  const int64_t M = codes.size(0) / limbs;
+  auto zeros = at::zeros({w_scale.numel()}, w_scale.options().dtype(at::kLong));
+  std::optional<at::Tensor> b;
+  if (bias.has_value() && bias->defined() && bias->numel() > 0) b = *bias;
+  auto y = unary.call(codes.narrow(0, 0, M), x_scale, 0, packed, w_scale, zeros, b, 1.0, 0, at::kFloat, "none",
+                      Args(), "");
+  if (limbs == 2) {
+    binary.call(codes.narrow(0, M, M), x_scale * inv_lo, 0, packed, w_scale, zeros, y, std::nullopt, 1.0, 0,
+                at::kFloat, 1.0, 0, "sum", 1.0, "none", Args(), "");
+  }
+  return y;
+}
+
+// In place: y[m, :] *= rs[m / group], then the STE mask of mask_x (if given).
+void scale_rows_(at::Tensor& y, const at::Tensor& rs, int64_t group, const c10::optional<at::Tensor>& mask_x,
+                 double mask_step, int64_t qmax) {
+  const int64_t M = y.size(0), N = y.size(1);
+  auto p = make_args(rs.data_ptr<float>(), rs.numel(), group, M, N, c10::nullopt, c10::nullopt, mask_x, mask_step,
+                     qmax);
+  float* yp = y.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, N));
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float r = p.rs[m / p.group];
+      float* __restrict o = yp + m * N;
+      for (int64_t n = 0; n < N; ++n) o[n] = o[n] * r;
+      if (p.mx) {
+        const float* __restrict xr = p.mx + m * N;
+        for (int64_t n = 0; n < N; ++n) {
+          const float v = xr[n] / p.ms;
+          o[n] = (v >= p.lo && v <= p.hi) ? o[n] : 0.0f;
+        }
+      }
+    }
+  });
+}
+
+// _int_mm(codes [L M, K], w [K, N]) then rescale, in blocks of rows whose int32 result
+// (<= 1 MB) stays in L2: the full int32 [L M, N] tensor is never written to memory, which
 // for M x N = 5000 x 640 saves two 12.8 MB passes (and the page faults of a fresh one).
-// With two limbs, codes has 2M rows and each block holds whole (hi, lo) pairs.
+// With two limbs (interleaved) each block holds whole (hi, lo) pairs.
 at::Tensor gemm_rescale(const at::Tensor& codes, const at::Tensor& w, const RescaleArgs& p) {
   const int64_t L = p.limbs, M = codes.size(0) / L, N = w.size(1);
   auto out = at::empty({M, N}, codes.options().dtype(at::kFloat));
@@ -384,40 +467,60 @@ at::Tensor ste_mask_(at::Tensor grad, const at::Tensor& x, double step, int64_t 
 // Whole layers
 // ---------------------------------------------------------------------------------------
 
-// static: y = rescale(_int_mm(quantize_per_tensor(x), w_t), step, w_scale, bias)
+// static: y = rescale(int8_gemm(quantize_per_tensor(x), w_t), step, w_scale, bias)
 // Returns (y, clipped): clipped tells whether any input was clipped (STE mask needed).
+// packed (optional): the weight packed for oneDNN, used from kOnednnMinRows rows on.
 std::tuple<at::Tensor, bool> linear_static_forward(const at::Tensor& x, double step, int64_t qmax,
                                                    const at::Tensor& w_t, const at::Tensor& w_scale,
-                                                   const c10::optional<at::Tensor>& bias, int64_t limbs) {
+                                                   const c10::optional<at::Tensor>& bias, int64_t limbs,
+                                                   const c10::optional<at::Tensor>& packed) {
   TORCH_CHECK(limbs == 1 || limbs == 2, "limbs must be 1 or 2");
+  const bool onednn = use_onednn(packed, x.size(0));
   bool clipped = false;
-  auto codes = limbs == 1 ? quantize_static(x, step, qmax, &clipped) : quantize_static_limbs(x, step, qmax, &clipped);
+  auto codes = limbs == 1 ? quantize_static(x, step, qmax, &clipped)
+                          : quantize_static_limbs(x, step, qmax, &clipped, /*planar=*/onednn);
+  if (onednn) return {onednn_linear(codes, limbs, step, 1.0 / (2.0 * qmax), *packed, w_scale, bias), clipped};
   const float s = static_cast<float>(step);
   auto p = make_args(&s, 1, 1, x.size(0), w_t.size(1), w_scale, bias, c10::nullopt, 1.0, qmax);
   set_limbs(p, limbs, qmax);
   return {gemm_rescale(codes, w_t, p), clipped};
 }
 
-// atom: y = rescale(_int_mm(quantize_per_atom(x as [N, 3, K]), w_t), scale[n], w_scale)
+// atom: y = rescale(int8_gemm(quantize_per_atom(x as [N, 3, K]), w_t), scale[n], w_scale)
 at::Tensor linear_atom_forward(const at::Tensor& x, int64_t qmax, double tiny, const at::Tensor& w_t,
-                               const at::Tensor& w_scale, int64_t limbs) {
+                               const at::Tensor& w_scale, int64_t limbs, const c10::optional<at::Tensor>& packed) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) % 3 == 0, "x must be [3N, K]");
-  auto [codes, scale] = quantize_per_atom_limbs(x.view({x.size(0) / 3, 3, x.size(1)}), qmax, tiny, limbs);
+  const bool onednn = use_onednn(packed, x.size(0));
+  auto [codes, scale] = quantize_per_atom_limbs(x.view({x.size(0) / 3, 3, x.size(1)}), qmax, tiny, limbs, onednn);
+  codes = codes.view({limbs * x.size(0), x.size(1)});
+  if (onednn) {
+    auto y = onednn_linear(codes, limbs, 1.0, 1.0 / (2.0 * qmax), *packed, w_scale, c10::nullopt);
+    scale_rows_(y, scale, 3, c10::nullopt, 1.0, qmax);
+    return y;
+  }
   auto p = make_args(scale.data_ptr<float>(), scale.numel(), 3, x.size(0), w_t.size(1), w_scale, c10::nullopt,
                      c10::nullopt, 1.0, qmax);
   set_limbs(p, limbs, qmax);
-  return gemm_rescale(codes.view({limbs * x.size(0), x.size(1)}), w_t, p);
+  return gemm_rescale(codes, w_t, p);
 }
 
 // Input gradient with int8 GEMM: (g * w_scale) quantized per row (one or two limbs),
 // times W_q [N, K], masked by the STE of the static input quantizer when x is given.
+// packed (optional): W_q^T packed for oneDNN.
 at::Tensor linear_backward_int8(const at::Tensor& grad, const at::Tensor& w_scale, const at::Tensor& w,
                                 const c10::optional<at::Tensor>& x, double step, int64_t qmax, double tiny,
-                                int64_t limbs) {
-  auto [codes, scale] = quantize_per_row_limbs(grad, w_scale, 127, tiny, limbs);
+                                int64_t limbs, const c10::optional<at::Tensor>& packed) {
+  const bool onednn = use_onednn(packed, grad.size(0));
+  auto [codes, scale] = quantize_per_row_limbs(grad, w_scale, 127, tiny, limbs, onednn);
+  if (onednn) {  // the gradient's codes have qmax 127, whatever the input quantizer's
+    auto y = onednn_linear(codes, limbs, 1.0, 1.0 / 254.0, *packed, at::ones({w.size(1)}, grad.options()),
+                           c10::nullopt);
+    scale_rows_(y, scale, 1, x, step, qmax);
+    return y;
+  }
   auto p = make_args(scale.data_ptr<float>(), scale.numel(), 1, grad.size(0), w.size(1), c10::nullopt,
                      c10::nullopt, x, step, qmax);
-  set_limbs(p, limbs, 127);  // the gradient's codes, whatever the input quantizer's qmax
+  set_limbs(p, limbs, 127);
   return gemm_rescale(codes, w, p);
 }
 
@@ -429,26 +532,33 @@ at::Tensor linear_backward_int8(const at::Tensor& grad, const at::Tensor& w_scal
 // float32 (W_q * s_w, for the float and the double backward), w_scale [N], bias [N] or an
 // empty tensor. backward_int8 picks the int8 backward GEMM; limbs (1 or 2) the activation
 // codes of the forward GEMM and, with backward_int8, of the gradient in the backward GEMM
-// (the float backward is the same straight-through gradient for both).
+// (the float backward is the same straight-through gradient for both). w_packed /
+// w_t_packed: w and w_t packed for oneDNN (forward / int8 backward GEMM), or empty tensors
+// for torch._int_mm.
 // Double backward (create_graph=True): the backward runs differentiable ATen ops, so the
 // second derivative is that of the STE surrogate clamp(x) @ w_deq.T (linear in grad).
+c10::optional<at::Tensor> packed_or_none(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
 struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_t,
                             const at::Tensor& w, const at::Tensor& w_deq, const at::Tensor& w_scale,
                             const at::Tensor& bias, double step, int64_t qmax, bool atom, bool backward_int8,
-                            int64_t limbs) {
+                            int64_t limbs, const at::Tensor& w_packed, const at::Tensor& w_t_packed) {
     at::Tensor y;
     bool clipped = false;
     if (atom) {
-      y = linear_atom_forward(x, qmax, 1e-30, w_t, w_scale, limbs);
+      y = linear_atom_forward(x, qmax, 1e-30, w_t, w_scale, limbs, packed_or_none(w_packed));
     } else {
-      std::tie(y, clipped) = linear_static_forward(x, step, qmax, w_t, w_scale, bias, limbs);
+      std::tie(y, clipped) = linear_static_forward(x, step, qmax, w_t, w_scale, bias, limbs, packed_or_none(w_packed));
     }
     ctx->saved_data["step"] = step;
     ctx->saved_data["qmax"] = qmax;
     ctx->saved_data["masked"] = clipped;
     ctx->saved_data["backward_int8"] = backward_int8;
     ctx->saved_data["limbs"] = limbs;
+    ctx->saved_data["w_t_packed"] = w_t_packed;
     ctx->save_for_backward({clipped ? x : at::empty({0}, x.options()), w, w_deq, w_scale});
     return y;
   }
@@ -473,33 +583,40 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
       if (masked) ste_mask_(gx, x, step, qmax);
     } else {
       gx = linear_backward_int8(grad.contiguous(), w_scale, w, masked ? c10::optional<at::Tensor>(x) : c10::nullopt,
-                                step, qmax, 1e-30, ctx->saved_data["limbs"].toInt());
+                                step, qmax, 1e-30, ctx->saved_data["limbs"].toInt(),
+                                packed_or_none(ctx->saved_data["w_t_packed"].toTensor()));
     }
-    return {gx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    torch::autograd::variable_list grads(13);
+    grads[0] = gx;
+    return grads;
   }
 };
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w_t, const at::Tensor& w, const at::Tensor& w_deq,
                        const at::Tensor& w_scale, const at::Tensor& bias, double step, int64_t qmax, bool atom,
-                       bool backward_int8, int64_t limbs) {
-  return Int8LinearFunction::apply(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8, limbs);
+                       bool backward_int8, int64_t limbs, const at::Tensor& w_packed, const at::Tensor& w_t_packed) {
+  return Int8LinearFunction::apply(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8, limbs, w_packed,
+                                   w_t_packed);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "qeq_ase int8 quantize / GEMM / rescale kernels (see qeq_ase/int8_linear.py)";
   m.def("int8_linear", &int8_linear, "autograd int8 linear layer (one C++ node)");
-  m.def("linear_static_forward", &linear_static_forward, "quantize (static step) + _int_mm + rescale");
-  m.def("linear_atom_forward", &linear_atom_forward, "quantize (per atom) + _int_mm + rescale");
-  m.def("linear_backward_int8", &linear_backward_int8, "input gradient through _int_mm with W_q");
+  m.def("linear_static_forward", &linear_static_forward, "quantize (static step) + int8 GEMM + rescale");
+  m.def("linear_atom_forward", &linear_atom_forward, "quantize (per atom) + int8 GEMM + rescale");
+  m.def("linear_backward_int8", &linear_backward_int8, "input gradient through an int8 GEMM with W_q");
   m.def("quantize_per_tensor", &quantize_per_tensor, "int8 codes with a static step");
   m.def("quantize_per_atom", &quantize_per_atom, "int8 codes of [N,3,F] vectors, one invariant scale per atom");
-  m.def("quantize_static_limbs", [](const at::Tensor& x, double step, int64_t qmax) {
-    return quantize_static_limbs(x, step, qmax, nullptr);
-  }, "two-limb int8 codes [2M, K] with a static step");
-  m.def("quantize_per_atom_limbs", &quantize_per_atom_limbs, "per-atom int8 codes, one or two limbs");
+  m.def("quantize_static_limbs", [](const at::Tensor& x, double step, int64_t qmax, bool planar) {
+    return quantize_static_limbs(x, step, qmax, nullptr, planar);
+  }, "two-limb int8 codes [2M, K] with a static step", py::arg("x"), py::arg("step"), py::arg("qmax"),
+        py::arg("planar") = false);
+  m.def("quantize_per_atom_limbs", &quantize_per_atom_limbs, "per-atom int8 codes, one or two limbs", py::arg("v"),
+        py::arg("qmax"), py::arg("tiny"), py::arg("limbs"), py::arg("planar") = false);
   m.def("quantize_per_row", &quantize_per_row, "int8 codes with one dynamic scale per row");
-  m.def("quantize_per_row_limbs", &quantize_per_row_limbs, "per-row int8 codes, one or two limbs");
+  m.def("quantize_per_row_limbs", &quantize_per_row_limbs, "per-row int8 codes, one or two limbs", py::arg("x"),
+        py::arg("col_scale"), py::arg("qmax"), py::arg("tiny"), py::arg("limbs"), py::arg("planar") = false);
   m.def("rescale", &rescale, "int32 GEMM output -> float32 with row/column scales, bias, STE mask");
   m.def("ste_mask_", &ste_mask_, "in-place STE mask of a clamped quantizer");
+  m.attr("onednn_min_rows") = kOnednnMinRows;
 }
