@@ -17,8 +17,8 @@ oneDNN where the CPU has AMX-INT8 (:func:`cpu_has_amx_int8`) and ``_int_mm`` els
 without AMX, oneDNN's int8 linear falls back to a reference kernel ~1000x slower
 (``shared/notes/int8-on-cpu.md``). With oneDNN the scales and the bias are applied in the GEMM's epilogue and the lo limb's
 product is added by its "sum" post-op, so no int32 accumulator is stored (the two GEMMs
-agree to float32 rounding, ~1e-7). Inputs of fewer than ``ONEDNN_MIN_ROWS`` (128) rows use
-``_int_mm``, whose fixed cost is lower.
+agree to float32 rounding, ~1e-7). Inputs of fewer than ``ONEDNN_MIN_ROWS`` (128) rows
+and weights narrower than ``ONEDNN_MIN_WIDTH`` (32) use ``_int_mm``.
 
 With ``activation_limbs = 2`` (:meth:`_Int8LinearBase.set_activation_limbs`, the shipped
 setting) each input ``y = x / s_x`` is carried as two int8 codes, ``hi = round(y)`` and
@@ -75,8 +75,11 @@ from .quantizers import (TINY, LSQQuantizer, MDDQQuantizer, fake_quantize_limbs,
 BACKENDS = ("auto", "cpp", "eager")
 BACKWARD_KERNELS = ("float", "int8")
 GEMMS = ("auto", "int_mm", "onednn")
-#: Input rows below which the oneDNN GEMM is not used (also ``kOnednnMinRows`` in the C++ file).
+#: The oneDNN GEMM runs only for inputs of at least this many rows and for weights whose
+#: two dimensions are at least ONEDNN_MIN_WIDTH (narrower ones hit oneDNN's reference
+#: kernel); ``kOnednnMinRows``/``kOnednnMinWidth`` in the C++ file.
 ONEDNN_MIN_ROWS = 128
+ONEDNN_MIN_WIDTH = 32
 INPUT_MODES = ("static", "atom")
 ACTIVATION_LIMBS = (1, 2)
 EXTENSION_NAME = "qeq_int8_kernels"
@@ -270,7 +273,8 @@ class _PackedWeights:
 
 
 def _use_onednn(packed: torch.Tensor | None, rows: int) -> bool:
-    return packed is not None and packed.numel() > 0 and rows >= ONEDNN_MIN_ROWS
+    return (packed is not None and packed.numel() > 0 and rows >= ONEDNN_MIN_ROWS
+            and min(packed.shape) >= ONEDNN_MIN_WIDTH)
 
 
 def _onednn_linear(codes, limbs, x_scale, inv_lo, packed, w_scale, bias):
@@ -421,7 +425,8 @@ class _Int8LinearBase(nn.Module):
         backward = ("fp32 GEMM with the dequantized weight" if self.backward_kernel == "float"
                     else f"torch._int_mm with per-row {'two-limb ' if self.activation_limbs == 2 else ''}int8 gradients")
         gemm = (f"oneDNN qlinear_pointwise (int8 x int8, AMX-INT8 where present; torch._int_mm below "
-                f"{ONEDNN_MIN_ROWS} code rows)" if self.gemm == "onednn" else "torch._int_mm (int8 x int8 -> int32)")
+                f"{ONEDNN_MIN_ROWS} rows or {ONEDNN_MIN_WIDTH} channels)" if self.gemm == "onednn"
+                else "torch._int_mm (int8 x int8 -> int32)")
         if self.backward_kernel == "int8" and self.gemm == "onednn":
             backward = backward.replace("torch._int_mm", "the same int8 GEMM")
         return f"{gemm} + {self._ops().name} quantize/rescale; backward: {backward}"

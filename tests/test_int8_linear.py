@@ -318,9 +318,9 @@ def test_onednn_and_int_mm_gemms_agree(limbs, backend):
     import copy
 
     torch.manual_seed(11)
-    for make, shape in ((lambda: Int8ScalarLinear.from_qat(qat_scalar(clip=True), backward="int8", backend=backend),
-                         (300, 32)),
-                        (lambda: Int8VectorLinear.from_qat(qat_vector(), backward="int8", backend=backend),
+    for make, shape in ((lambda: Int8ScalarLinear.from_qat(qat_scalar(N=40, clip=True), backward="int8",
+                                                           backend=backend), (300, 32)),
+                        (lambda: Int8VectorLinear.from_qat(qat_vector(N=40), backward="int8", backend=backend),
                          (100, 3, 32))):
         a, b = make(), make()
         a.set_gemm("int_mm")
@@ -332,7 +332,11 @@ def test_onednn_and_int_mm_gemms_agree(limbs, backend):
             x = torch.randn(rows, *shape[1:]) * 1.5
             g = torch.randn(*a(x).shape)
             xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-            ya, yb = a(xa), b(xb)
+            ya = a(xa)
+            with torch.profiler.profile() as prof:
+                yb = b(xb)
+            gemm_rows = x.numel() // x.shape[-1]
+            assert any("qlinear_pointwise" in e.name for e in prof.events()) == (gemm_rows >= int8_linear.ONEDNN_MIN_ROWS)
             assert rel_err(yb.detach(), ya.detach()) < 1e-6
             assert rel_err(yb.detach(), b.reference_forward(x)) < FLOAT_RTOL
             ya.backward(g)
@@ -341,6 +345,11 @@ def test_onednn_and_int_mm_gemms_agree(limbs, backend):
             assert torch.equal(xb.grad == 0, xa.grad == 0)  # the same STE mask
         c = copy.deepcopy(b)  # oneDNN's packed weights cannot be copied: the copy packs its own
         assert torch.equal(c(x), b(x))
+    narrow = Int8ScalarLinear.from_qat(qat_scalar(N=1), backend=backend)  # 32 -> 1: oneDNN's reference kernel
+    narrow.set_gemm("onednn")
+    with torch.profiler.profile() as prof:
+        narrow(torch.randn(300, 32))
+    assert not any("qlinear_pointwise" in e.name for e in prof.events())
     with pytest.raises(ValueError, match="gemm must be one of"):
         a.set_gemm("amx")
 

@@ -364,11 +364,16 @@ at::Tensor rescale(const at::Tensor& acc, const at::Tensor& row_scale, int64_t r
 
 // A layer holding a weight packed by onednn::qlinear_prepack runs its GEMM through
 // onednn::qlinear_pointwise for inputs of at least kOnednnMinRows rows (below that the
-// call's fixed cost, ~20 us, exceeds the gain and torch._int_mm runs).
+// call's fixed cost, ~20 us, exceeds the gain and torch._int_mm runs) whose two matrix
+// widths are at least kOnednnMinWidth: narrower products (the readout's 64 -> 1 and its
+// backward, K = 1) fall to oneDNN's reference kernel, ~10 ms for 1,344 x 1 x 64.
 constexpr int64_t kOnednnMinRows = 128;
+constexpr int64_t kOnednnMinWidth = 32;
 
 bool use_onednn(const c10::optional<at::Tensor>& packed, int64_t rows) {
-  return packed.has_value() && packed->defined() && packed->numel() > 0 && rows >= kOnednnMinRows;
+  // packed [in, out] as oneDNN reports it
+  return packed.has_value() && packed->defined() && packed->numel() > 0 && rows >= kOnednnMinRows &&
+         packed->size(0) >= kOnednnMinWidth && packed->size(1) >= kOnednnMinWidth;
 }
 
 // y = (hi @ W^T) * x_scale * w_scale + bias  [+ (lo @ W^T) * x_scale * inv_lo * w_scale]
