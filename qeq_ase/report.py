@@ -31,6 +31,7 @@ from ase import Atoms
 from .checkpoint import read_potential_file
 from .dataset import RMD17_MOLECULES, file_sha256, load_rmd17, rmd17_path
 from .edge_kernel import edge_backend
+from .int8_linear import resolve_gemm
 from .published_rmd17 import PUBLISHED_RMD17, SOURCE
 from .registry import potentials_dir
 
@@ -123,12 +124,14 @@ def collect(data_dir: Path, results_json: Path, settings: dict, potentials: Path
                 continue
             sha = file_sha256(path)
             old = cached.get(name, {})
-            if old.get("sha256") == sha and old.get("settings") == settings and not recompute:
+            # an INT8 file's speed and MD figures also depend on the int8 GEMM it runs
+            own = settings if precision == "fp32" else {**settings, "int8_gemm": resolve_gemm("auto")}
+            if old.get("sha256") == sha and old.get("settings") == own and not recompute:
                 results[name] = old
                 continue
             log(f"measuring {name} ...")
-            results[name] = {"sha256": sha, "settings": settings, "molecule": molecule,
-                             **measure_potential(path, molecule, data_dir, settings, recompute)}
+            results[name] = {"sha256": sha, "settings": own, "molecule": molecule,
+                             **measure_potential(path, molecule, data_dir, own, recompute)}
     return results
 
 
@@ -180,7 +183,9 @@ def render_markdown(results: dict, settings: dict, figure_names: list[str]) -> s
         f"at {settings['nve_timestep_fs']} fs after a {settings['nve_warmup_fs']:.0f} fs Langevin warm-up at "
         f"{settings['temperature_K']:.0f} K from test frame 0; drift is the slope of a line through the "
         f"total energy. Time: median of {settings['speed_calls']} energy + forces calls through the ASE "
-        f"calculator on one molecule, {settings['threads']} thread(s).",
+        f"calculator on one molecule, {settings['threads']} thread(s); INT8 GEMM "
+        f"{', '.join(sorted({r['settings'].get('int8_gemm', 'int_mm') for r in results.values() if r['precision'] == 'int8'})) or '–'} "
+        "(`qeq_ase.int8_linear.GEMMS`).",
         "",
         "| molecule | LEE fp32 / INT8 (meV/Å) | NVE drift fp32 / INT8 (meV/atom/ps) | std E fp32 / INT8 (meV) "
         "| size fp32 / INT8 (bytes) | size ratio | ms/call fp32 / INT8 | INT8 speed-up | training epochs / min "
