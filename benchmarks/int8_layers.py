@@ -1,14 +1,16 @@
 """Time fp32 ``F.linear`` against the real INT8 layers of ``qeq_ase.int8_linear``.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/int8_layers.py [--threads 1] [--quick]
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/int8_layers.py [--threads 1] [--limbs 2] [--quick]
 
 Forward alone and forward + backward (input gradient only, as for forces), for
-``M x K -> N`` with M in {21, 400, 5000} (one aspirin, one batch of 8 in atoms, a large
-system or the edges of a batch), K = N = 128 and the model's real shapes (128 -> 640 qkv,
+``M x K -> N`` with M in {21, 1344, 9344} (one aspirin; the atoms of 64 aspirin copies;
+one block of their edges), K = N = 128 and the model's real shapes (128 -> 640 qkv,
 128 -> 512 edge filter, 256 -> 128 FFN out) plus the vector layer 128 -> 384 on
-``[M, 3, F]`` (3M GEMM rows). Timings of the variants of one shape are interleaved
-round by round and the median per call is reported, so drifting load on a shared
-machine shifts them together. Ratios > 1 mean INT8 is faster.
+``[M, 3, F]`` (3M GEMM rows). Each INT8 case runs with both int8 GEMMs (oneDNN's int8
+linear, AMX where present, and ``torch._int_mm``; ``qeq_ase.int8_linear.GEMMS``) and
+``--limbs`` input limbs (2, the shipped setting, or 1, W8A8). Timings of the variants of one
+shape are interleaved round by round and the median per call is reported, so drifting load
+on a shared machine shifts them together. Ratios > 1 mean INT8 is faster.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qeq_ase.int8_linear import Int8ScalarLinear, Int8VectorLinear
+from qeq_ase.glibc_malloc import keep_large_allocations
+from qeq_ase.int8_linear import ACTIVATION_LIMBS, Int8ScalarLinear, Int8VectorLinear, cpu_has_amx_int8, resolve_gemm
 
 
 def cpu_name() -> str:
@@ -54,24 +57,24 @@ def bench(fns: dict, seconds: float) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def random_layer(cls, K: int, N: int, **kwargs):
-    layer = cls(K, N, **kwargs)
+def random_layer(cls, K: int, N: int, limbs: int, gemm: str, **kwargs):
+    layer = cls(K, N, gemm=gemm, **kwargs)
     codes = torch.randint(-127, 128, (N, K), dtype=torch.int8)
     layer._set_weight(codes, torch.rand(N) * 0.02 / K ** 0.5, torch.randn(N) if layer.bias is not None else None)
     layer.input_step.fill_(4.0 / 127)
-    layer.refresh()
+    layer.set_activation_limbs(limbs)  # also refreshes the derived tensors
     return layer
 
 
-def case(M: int, K: int, N: int, vector: bool, seconds: float) -> dict:
+def case(M: int, K: int, N: int, vector: bool, limbs: int, gemm: str, seconds: float) -> dict:
     shape = (M, 3, K) if vector else (M, K)
     x = torch.randn(*shape)
     g = torch.randn(*shape[:-1], N)
     w, b = torch.randn(N, K) / K ** 0.5, None if vector else torch.randn(N)
     if vector:
-        make = lambda backward: random_layer(Int8VectorLinear, K, N, input_mode="atom", backward=backward)
+        make = lambda backward: random_layer(Int8VectorLinear, K, N, limbs, gemm, input_mode="atom", backward=backward)
     else:
-        make = lambda backward: random_layer(Int8ScalarLinear, K, N, backward=backward)
+        make = lambda backward: random_layer(Int8ScalarLinear, K, N, limbs, gemm, backward=backward)
     int8_f, int8_i = make("float"), make("int8")
     xg = x.clone().requires_grad_(True)
 
@@ -91,28 +94,31 @@ def case(M: int, K: int, N: int, vector: bool, seconds: float) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--limbs", type=int, default=2, choices=ACTIVATION_LIMBS)
     parser.add_argument("--quick", action="store_true", help="K=N=128 only, shorter timings")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_large_allocations()  # as the qeq-ase commands do: no page faults on large outputs
     seconds = 0.3 if args.quick else 0.8
     shapes = [(128, 128, False)]
     if not args.quick:
         shapes += [(128, 640, False), (128, 512, False), (256, 128, False), (128, 384, True)]
-    probe = Int8ScalarLinear(8, 8)
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}; threads {torch.get_num_threads()}")
-    print(f"kernel: {probe.kernel}\n")
-    print("| layer | M | fp32 fwd (us) | int8 fwd (us) | speed-up | fp32 fwd+bwd (us) | int8 fwd+bwd, "
+    gemms = ["onednn", "int_mm"] if resolve_gemm("auto") == "onednn" else ["int_mm"]
+    print(f"CPU: {cpu_name()}; AMX-INT8: {cpu_has_amx_int8()}; torch {torch.__version__}; "
+          f"threads {torch.get_num_threads()}; input limbs {args.limbs}")
+    print("| layer | M | GEMM | fp32 fwd (us) | int8 fwd (us) | speed-up | fp32 fwd+bwd (us) | int8 fwd+bwd, "
           "float bwd (us) | speed-up | int8 fwd+bwd, int8 bwd (us) | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for K, N, vector in shapes:
-        for M in (21, 400, 5000):
-            r = case(M, K, N, vector, seconds)
-            f, b = r["fwd"], r["fwd+bwd"]
-            us = lambda s: f"{s * 1e6:,.1f}"
-            name = f"vector {K}->{N} (3M rows)" if vector else f"scalar {K}->{N}"
-            print(f"| {name} | {M} | {us(f['fp32'])} | {us(f['int8'])} | {f['fp32'] / f['int8']:.2f} | "
-                  f"{us(b['fp32'])} | {us(b['int8 (float bwd)'])} | {b['fp32'] / b['int8 (float bwd)']:.2f} | "
-                  f"{us(b['int8 (int8 bwd)'])} | {b['fp32'] / b['int8 (int8 bwd)']:.2f} |", flush=True)
+        for M in (21, 1344, 9344):
+            for gemm in gemms:
+                r = case(M, K, N, vector, args.limbs, gemm, seconds)
+                f, b = r["fwd"], r["fwd+bwd"]
+                us = lambda s: f"{s * 1e6:,.1f}"
+                name = f"vector {K}->{N} (3M rows)" if vector else f"scalar {K}->{N}"
+                print(f"| {name} | {M} | {gemm} | {us(f['fp32'])} | {us(f['int8'])} | {f['fp32'] / f['int8']:.2f} | "
+                      f"{us(b['fp32'])} | {us(b['int8 (float bwd)'])} | {b['fp32'] / b['int8 (float bwd)']:.2f} | "
+                      f"{us(b['int8 (int8 bwd)'])} | {b['fp32'] / b['int8 (int8 bwd)']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
