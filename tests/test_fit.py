@@ -90,6 +90,10 @@ def test_report_tables_the_files_and_reuses_unchanged_measurements(fitted, rmd17
     measured.clear()
     write_report(output, rmd17_dir, settings, files["fp32"].parent, log=measured.append)
     assert measured == []  # same files, same settings: nothing measured again
+    again = write_report(output, rmd17_dir, settings, files["fp32"].parent, log=measured.append, retime=True)
+    assert measured == ["timing ethanol_fp32 ...", "timing ethanol_int8 ..."]  # only the calculator timed again
+    assert again["ethanol_int8"]["lee_mean_meV_per_A"] == int8["lee_mean_meV_per_A"]
+    assert again["ethanol_int8"]["ms_per_call"] > 0
 
 
 def test_training_totals_follow_float_restarts_but_not_into_qat():
