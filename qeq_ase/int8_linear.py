@@ -13,9 +13,10 @@ The int8 GEMM (``gemm``, :data:`GEMMS`) is ``torch._int_mm`` (oneDNN's VNNI kern
 every x86 CPU), with the GEMM and the rescale run on blocks of rows whose int32 result
 stays in cache, or oneDNN's int8 linear ``onednn::qlinear_pointwise`` on a weight packed
 once by ``onednn::qlinear_prepack``, which uses AMX-INT8 tiles. ``gemm="auto"`` picks
-oneDNN where the CPU has AMX-INT8 (:func:`cpu_has_amx_int8`) and ``_int_mm`` elsewhere:
-without AMX, oneDNN's int8 linear falls back to a reference kernel ~1000x slower
-(``shared/notes/int8-on-cpu.md``). With oneDNN the scales and the bias are applied in the GEMM's epilogue and the lo limb's
+oneDNN where the CPU has AMX-INT8 (:func:`cpu_has_amx_int8`) and ``_int_mm`` elsewhere
+(the environment variable ``QEQ_INT8_GEMM`` overrides that choice): without AMX, oneDNN's
+int8 linear falls back to a reference kernel ~1000x slower (``shared/notes/int8-on-cpu.md``).
+With oneDNN the scales and the bias are applied in the GEMM's epilogue and the lo limb's
 product is added by its "sum" post-op, so no int32 accumulator is stored (the two GEMMs
 agree to float32 rounding, ~1e-7). Inputs of fewer than ``ONEDNN_MIN_ROWS`` (128) rows
 and weights narrower than ``ONEDNN_MIN_WIDTH`` (32) use ``_int_mm``.
@@ -146,7 +147,7 @@ class EagerKernels:
     @staticmethod
     def rescale(acc, row_scale, row_group, col_scale, bias, mask_x, mask_step, qmax, limbs=1):
         r = row_scale if row_scale.numel() == 1 else row_scale.repeat_interleave(row_group)[:, None]
-        out = acc.to(row_scale.dtype)  # int32, or float32 holding the same integers (oneDNN)
+        out = acc.to(row_scale.dtype)
         if limbs == 2:
             pairs = out.view(-1, 2, out.shape[1])
             out = pairs[:, 0] + pairs[:, 1] * (1.0 / (2.0 * qmax))

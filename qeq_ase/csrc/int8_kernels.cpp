@@ -14,9 +14,10 @@
 // carried as hi = round(y) and lo = round((y - hi) * 2 qmax), two int8 codes whose rows are
 // interleaved in a [2M, K] code matrix; one _int_mm then gives both partial products and
 // the rescale adds acc_hi + acc_lo / (2 qmax). For oneDNN the limbs are planar (all hi
-// rows, then all lo rows) and its GEMM epilogue does the scaling and the sum. The activation grid is 2 qmax = 254 times
-// finer (~15 bits) with the same int8 weights and GEMM, which makes the energy smooth
-// enough in the positions for MD (see docs/quantization.md, "Smoothness").
+// rows, then all lo rows) and its GEMM epilogue does the scaling and the sum. The
+// activation grid is 2 qmax = 254 times finer (~15 bits) with the same int8 weights and
+// GEMM, which makes the energy smooth enough in the positions for MD (see
+// docs/quantization.md, "Smoothness").
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -379,9 +380,10 @@ bool use_onednn(const c10::optional<at::Tensor>& packed, int64_t rows) {
 // y = (hi @ W^T) * x_scale * w_scale + bias  [+ (lo @ W^T) * x_scale * inv_lo * w_scale]
 // codes: [M, K], or planar two-limb codes [2M, K] (hi rows, then lo rows). oneDNN applies
 // the scales and the bias in the GEMM's epilogue and adds the lo limb's product into y
-// with its "sum" post-op: y is written once per limb and no int32 accumulator is stored,
-// which for the two-limb edge filters ([E, 4F] outputs) halves the memory traffic of
-// _int_mm + rescale. Only a per-tensor x_scale exists, so per-row scales come after.
+// with its "sum" post-op: no int32 accumulator is stored and read back (edge filter,
+// 9,344 x 128 -> 512, two limbs: 4.3 ms against 12.5 ms for _int_mm + rescale,
+// docs/quantization.md "Benchmark"). Only a per-tensor x_scale exists, so per-row scales
+// come after.
 at::Tensor onednn_linear(const at::Tensor& codes, int64_t limbs, double x_scale, double inv_lo,
                          const at::Tensor& packed, const at::Tensor& w_scale,
                          const c10::optional<at::Tensor>& bias) {
