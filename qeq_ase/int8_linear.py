@@ -61,6 +61,7 @@ raises instead. ``layer.kernel`` says what runs.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -231,6 +232,7 @@ def get_kernels(backend: str = "auto"):
         return EagerKernels
 
 
+@functools.cache
 def cpu_has_amx_int8() -> bool:
     """Whether this CPU advertises AMX-INT8 (Linux ``/proc/cpuinfo`` flag ``amx_int8``)."""
     try:
