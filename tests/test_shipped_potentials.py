@@ -98,8 +98,10 @@ def test_shipped_potential_reproduces_recorded_test_errors(name):
 #: Their test is a strict xfail: it shows in every run, and it fails once a better file
 #: meets the bar, so that the entry has to go.
 KNOWN_INT8_BAR_MISSES = {
-    "benzene": "INT8 5.96 vs fp32 4.90 meV/Å (1.22x): the INT8 layers add ~3 meV/Å, as for aspirin "
-               "(21.61 vs 21.40), which is 22% of benzene's small error (docs/training.md)",
+    "benzene": "INT8 5.96 vs fp32 4.90 meV/Å (1.22x): in quadrature the INT8 error is ~3 meV/Å, as for "
+               "aspirin (21.61 vs 21.40), and large against benzene's small float error (docs/training.md)",
+    "naphthalene": "INT8 21.70 vs fp32 19.04 meV/Å (1.14x): its QAT validation error rose once the vector "
+                   "branch was quantized (19.4 -> 23.0 meV/Å over 9 epochs; docs/training.md)",
 }
 
 
