@@ -16,7 +16,8 @@ import torch
 
 from qeq_ase.int8_linear import load_cpp_kernels
 
-SHAPES = [(840, 128, 512), (1344, 128, 640), (18688, 512, 128)]  # edge filter (one aspirin), qkv (64), edge backward (64)
+# edge filter (one aspirin), qkv (64 aspirin), edge backward (64), readout backward (64: K = 1)
+SHAPES = [(840, 128, 512), (1344, 128, 640), (18688, 512, 128), (1344, 1, 64)]
 
 
 def cpu_us(fn, n: int = 20, repeats: int = 5) -> float:

@@ -64,6 +64,12 @@ def time_calculator(path: Path, atoms: Atoms, calls: int, seed: int = 0) -> floa
     return 1e3 * float(np.median(times))
 
 
+def first_test_frame(molecule: str, data_dir: Path) -> Atoms:
+    """Frame 0 of the molecule's ``test_01`` file, the structure every potential is timed on."""
+    test = load_rmd17(rmd17_path(molecule, "test", data_dir))
+    return Atoms(numbers=test.numbers, positions=test.positions[0])
+
+
 def measure_potential(path: Path, molecule: str, data_dir: Path, settings: dict, recompute: bool = False) -> dict:
     """Every figure of the report for one potential file."""
     from .conservation import check_energy_conservation
@@ -82,7 +88,6 @@ def measure_potential(path: Path, molecule: str, data_dir: Path, settings: dict,
     nve = check_energy_conservation(path, f"rmd17:{molecule}:0", time_ps=settings["nve_ps"],
                                     timestep_fs=settings["nve_timestep_fs"], warmup_fs=settings["nve_warmup_fs"],
                                     temperature_K=settings["temperature_K"], data_dir=data_dir, progress=False)
-    atoms = Atoms(numbers=test.numbers, positions=test.positions[0])
     return {
         "precision": payload["precision"],
         "energy_mae_meV": errors["energy_mae_meV"], "forces_mae_meV_per_A": errors["forces_mae_meV_per_A"],
@@ -90,7 +95,7 @@ def measure_potential(path: Path, molecule: str, data_dir: Path, settings: dict,
         "lee_mean_meV_per_A": lee.lee_mean_meV_per_A,
         "nve_drift_meV_per_atom_per_ps": nve.drift_meV_per_atom_per_ps,
         "nve_total_energy_std_meV": nve.total_energy_std_meV,
-        "ms_per_call": time_calculator(path, atoms, settings["speed_calls"]),
+        "ms_per_call": time_calculator(path, first_test_frame(molecule, data_dir), settings["speed_calls"]),
         "size_bytes": path.stat().st_size, "num_parameters": meta.get("num_parameters"),
         **training_totals(meta),
     }
@@ -132,8 +137,7 @@ def collect(data_dir: Path, results_json: Path, settings: dict, potentials: Path
                 results[name] = old
                 if retime:
                     log(f"timing {name} ...")
-                    test = load_rmd17(rmd17_path(molecule, "test", data_dir))
-                    atoms = Atoms(numbers=test.numbers, positions=test.positions[0])
+                    atoms = first_test_frame(molecule, data_dir)
                     results[name] = {**old, "ms_per_call": time_calculator(path, atoms, own["speed_calls"])}
                 continue
             log(f"measuring {name} ...")
@@ -149,6 +153,7 @@ def _fmt(value, digits: int = 1) -> str:
 def render_markdown(results: dict, settings: dict, figure_names: list[str]) -> str:
     """``docs/results.md`` from the measurements."""
     machine = platform.processor() or platform.machine()
+    gemms = sorted({r["settings"].get("int8_gemm", "int_mm") for r in results.values() if r["precision"] == "int8"})
     lines = [
         "# Results on rMD17 (generated)",
         "",
@@ -190,8 +195,7 @@ def render_markdown(results: dict, settings: dict, figure_names: list[str]) -> s
         f"at {settings['nve_timestep_fs']} fs after a {settings['nve_warmup_fs']:.0f} fs Langevin warm-up at "
         f"{settings['temperature_K']:.0f} K from test frame 0; drift is the slope of a line through the "
         f"total energy. Time: median of {settings['speed_calls']} energy + forces calls through the ASE "
-        f"calculator on one molecule, {settings['threads']} thread(s); INT8 GEMM "
-        f"{', '.join(sorted({r['settings'].get('int8_gemm', 'int_mm') for r in results.values() if r['precision'] == 'int8'})) or '–'} "
+        f"calculator on one molecule, {settings['threads']} thread(s); INT8 GEMM {', '.join(gemms) or '–'} "
         "(`qeq_ase.int8_linear.GEMMS`).",
         "",
         "| molecule | LEE fp32 / INT8 (meV/Å) | NVE drift fp32 / INT8 (meV/atom/ps) | std E fp32 / INT8 (meV) "

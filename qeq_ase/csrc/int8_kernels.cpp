@@ -63,6 +63,16 @@ void check_float(const at::Tensor& t, const char* name) {
 
 constexpr int64_t kGrain = 16384;  // elements per parallel chunk
 
+// In place: o[i] = 0 where x[i] / step lies outside [lo, hi] (the STE mask of a clamped
+// quantizer: a clipped input gets no gradient).
+inline void ste_mask_span(float* __restrict o, const float* __restrict x, int64_t n, float step, float lo,
+                          float hi) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float y = x[i] / step;
+    o[i] = (y >= lo && y <= hi) ? o[i] : 0.0f;
+  }
+}
+
 }  // namespace
 
 // codes = clamp(round(x / step), -qmax, qmax) as int8 (static per-tensor activation step).
@@ -300,13 +310,7 @@ void rescale_rows(const int32_t* acc, int64_t m0, int64_t rows, int64_t N, const
         const float* __restrict bp = p.bias;
         for (int64_t n = 0; n < N; ++n) o[n] = o[n] + bp[n];
       }
-      if (p.mx) {
-        const float* __restrict xr = p.mx + m * N;
-        for (int64_t n = 0; n < N; ++n) {
-          const float y = xr[n] / p.ms;
-          o[n] = (y >= p.lo && y <= p.hi) ? o[n] : 0.0f;
-        }
-      }
+      if (p.mx) ste_mask_span(o, p.mx + m * N, N, p.ms, p.lo, p.hi);
     }
   });
 }
@@ -367,7 +371,8 @@ at::Tensor rescale(const at::Tensor& acc, const at::Tensor& row_scale, int64_t r
 // onednn::qlinear_pointwise for inputs of at least kOnednnMinRows rows (below that the
 // call's fixed cost, ~20 us, exceeds the gain and torch._int_mm runs) whose two matrix
 // widths are at least kOnednnMinWidth: narrower products (the readout's 64 -> 1 and its
-// backward, K = 1) fall to oneDNN's reference kernel, ~10 ms for 1,344 x 1 x 64.
+// backward, K = 1) fall to oneDNN's reference kernel: 10.8 ms for 1,344 x 1 x 64 against
+// 1 us with _int_mm (benchmarks/gemm_kinds.py).
 constexpr int64_t kOnednnMinRows = 128;
 constexpr int64_t kOnednnMinWidth = 32;
 
@@ -423,13 +428,7 @@ void scale_rows_(at::Tensor& y, const at::Tensor& rs, int64_t group, const c10::
       const float r = p.rs[m / p.group];
       float* __restrict o = yp + m * N;
       for (int64_t n = 0; n < N; ++n) o[n] = o[n] * r;
-      if (p.mx) {
-        const float* __restrict xr = p.mx + m * N;
-        for (int64_t n = 0; n < N; ++n) {
-          const float v = xr[n] / p.ms;
-          o[n] = (v >= p.lo && v <= p.hi) ? o[n] : 0.0f;
-        }
-      }
+      if (p.mx) ste_mask_span(o, p.mx + m * N, N, p.ms, p.lo, p.hi);
     }
   });
 }
@@ -462,10 +461,7 @@ at::Tensor ste_mask_(at::Tensor grad, const at::Tensor& x, double step, int64_t 
   const float* __restrict xp = x.data_ptr<float>();
   const float s = static_cast<float>(step), hi = static_cast<float>(qmax), lo = -hi;
   at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float y = xp[i] / s;
-      gp[i] = (y >= lo && y <= hi) ? gp[i] : 0.0f;
-    }
+    ste_mask_span(gp + begin, xp + begin, end - begin, s, lo, hi);
   });
   return grad;
 }
