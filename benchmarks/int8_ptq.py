@@ -4,13 +4,15 @@ potential, beside the float potential and a quantization-aware one, on the same 
     python benchmarks/int8_ptq.py --fp32 aspirin_fp32 --int8 aspirin_int8 --frames 1000
 
 The float model gets the full scheme's quantizers, activation steps calibrated on 8 float
-batches of 8 training frames (as ``qeq-train`` does before QAT), and is converted to the
-real int8 model, which is evaluated with one and with two activation limbs.
+batches of 8 training frames (as ``qeq-train`` does before QAT; the largest input of all
+batches), widened by each ``--step-margins`` factor, and is converted to the real int8 model,
+which is evaluated with one and with two activation limbs.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 
 import numpy as np
@@ -21,7 +23,7 @@ from qeq_ase.evaluate import evaluate
 from qeq_ase.graph import molecules_to_graph
 from qeq_ase.int8_model import convert_to_int8, set_activation_limbs
 from qeq_ase.md import default_rmd17_dir
-from qeq_ase.qat import calibration, convert_to_qat, set_quantization
+from qeq_ase.qat import calibration, convert_to_qat, set_quantization, widen_activation_steps
 from qeq_ase.registry import load_model
 
 
@@ -33,6 +35,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=1000, help="first N test frames")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--step-margins", type=float, nargs="+", default=[1.0, 2.0],
+                        help="calibrated activation steps times these (qat.widen_activation_steps)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = args.data_dir or default_rmd17_dir()
@@ -50,10 +54,13 @@ def main() -> None:
             g = molecules_to_graph([train.numbers] * 8, list(train.positions[index]), qat.config.cutoff)
             qat.energy_and_forces(g.positions, qat.species_index(g.numbers), g.edge_index, g.batch, g.num_graphs)
     set_quantization(qat, scalar=True, vector=True)
-    int8 = convert_to_int8(qat)
     rows = {"fp32": evaluate(fp32, test)}
-    for limbs in (2, 1):
-        rows[f"PTQ int8, {limbs} limb(s)"] = evaluate(set_activation_limbs(int8, limbs), test)
+    for margin in args.step_margins:
+        calibrated = copy.deepcopy(qat)
+        widen_activation_steps(calibrated, margin)
+        int8 = convert_to_int8(calibrated)
+        for limbs in (2, 1):
+            rows[f"PTQ int8, {limbs} limb(s), step margin {margin:g}"] = evaluate(set_activation_limbs(int8, limbs), test)
     qat_int8, meta = load_model(args.int8)
     rows[f"{args.int8} (QAT, {meta['quantization'].get('activation_limbs', 1)} limb(s))"] = evaluate(qat_int8, test)
     print(json.dumps(rows, indent=1))

@@ -236,8 +236,9 @@ def quantization_state(model: nn.Module) -> dict:
 @contextlib.contextmanager
 def calibration(model: nn.Module):
     """Inside the block the model computes in float: every activation quantizer sets its
-    step from the first non-zero batch it sees (if not set yet) and passes its input
-    through, whatever its ``enabled`` switch, and weights are not quantized. Run a few float forward passes here before training, and before
+    step from the batches it sees (:meth:`qeq_ase.quantizers.LSQQuantizer.observe`: the
+    largest ``|x|`` of all of them for the default max init) and passes its input through,
+    whatever its ``enabled`` switch, and weights are not quantized. Run a few float forward passes here before training, and before
     an EMA copy of the model is made (the EMA of ``train.py`` averages parameters only,
     and a step initialised later in the live model would reach the EMA copy slowly).
     """
@@ -260,6 +261,21 @@ def calibration(model: nn.Module):
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The learned steps (for an optimizer parameter group of their own)."""
     return [m.step for m in model.modules() if isinstance(m, LSQQuantizer)]
+
+
+@torch.no_grad()
+def widen_activation_steps(model: nn.Module, margin: float) -> None:
+    """Multiply every calibrated activation step by ``margin`` (>= 1).
+
+    Headroom for inputs larger than any of the calibration batches held (test frames,
+    MD away from the training data): a clipped input has a zero straight-through
+    gradient, so it drops out of the forces. On the two-limb grid a margin of 2 costs one
+    of its ~15 bits.
+    """
+    if margin < 1.0:
+        raise ValueError(f"step margin must be >= 1, not {margin!r}")
+    for step in quantizer_parameters(model):
+        step.mul_(margin)
 
 
 def _quantizer_keys(model: nn.Module) -> set[str]:

@@ -151,8 +151,9 @@ class LSQQuantizer(nn.Module):
 
     Forward: ``clamp(round(x / s), -Qn, Qp) * s``. The step ``s`` is a parameter; its
     gradient is scaled by ``1 / sqrt(x.numel() * Qp)`` (LSQ's ``g``). ``step == 0`` means
-    "not initialised": the first batch seen while enabled (or in :meth:`calibrate` mode)
-    sets it, from ``x`` itself so that no hand-chosen range is needed:
+    "not initialised": the first batch seen while enabled (or while ``calibrating``, where
+    :meth:`observe` widens a max-initialised step over every batch) sets it, from ``x``
+    itself so that no hand-chosen range is needed:
 
     * ``init="max"`` (default): ``s = max|x| / Qp``, nothing clipped. Clipping matters more
       for a potential than for a classifier: the STE gradient of a clipped input is zero,
@@ -214,15 +215,25 @@ class LSQQuantizer(nn.Module):
                 step = a.max() / self.qp
         self.step.copy_(step)
 
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Calibration: the first batch initialises the step; with ``init="max"`` later
+        batches widen it to the largest ``|x|`` of all of them (nothing they hold is clipped)."""
+        if not self.initialized:
+            self.initialize(x)
+        elif self.init == "max" and x.numel():
+            self.step.copy_(torch.maximum(self.step.abs(), x.detach().abs().max().float() / self.qp))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.enabled or self.calibrating):
+            return x
+        if self.calibrating:
+            self.observe(x)
             return x
         if not self.initialized:
             self.initialize(x)
             if not self.initialized:
                 return x
-        if self.calibrating:
-            return x
         g = 1.0 / math.sqrt(max(x.numel(), 1) * self.qp)
         step = grad_scale(self.step, g).abs()
         if self.limbs == 2:
@@ -308,8 +319,8 @@ class MDDQQuantizer(nn.Module):
             raise ValueError(f"MDDQQuantizer expects vectors [N, 3, F], got {tuple(h.shape)}")
         if not (self.enabled or self.calibrating):
             return h
-        if not self.initialized:  # from |h| itself, not from the eps-floored r
-            self.magnitude.initialize(torch.sqrt((h.detach() ** 2).sum(dim=1)))
+        if self.calibrating or not self.initialized:  # from |h| itself, not from the eps-floored r
+            self.magnitude.observe(torch.sqrt((h.detach() ** 2).sum(dim=1)))
             if not self.initialized:
                 return h
         if self.calibrating or self.limbs == 2:

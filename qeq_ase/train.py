@@ -93,6 +93,9 @@ class QuantizationConfig:
         weight_bits, activation_bits: bit widths.
         activation_limbs: 1 (W8A8 fake quantization, the paper's) or 2 (the two-limb inputs
             that ``qeq-export --int8`` ships by default; :func:`qeq_ase.qat.set_activation_limbs`).
+        step_margin: calibrated activation steps are multiplied by this (>= 1) before
+            training (:func:`qeq_ase.qat.widen_activation_steps`).
+        learn_steps: train the activation steps (LSQ) or keep the calibrated ones.
     """
 
     scheme: str = "full"
@@ -102,6 +105,8 @@ class QuantizationConfig:
     weight_bits: int = 8
     activation_bits: int = 8
     activation_limbs: int = 1
+    step_margin: float = 1.0
+    learn_steps: bool = True
 
     @classmethod
     def from_dict(cls, data: dict) -> "QuantizationConfig":
@@ -178,7 +183,7 @@ class Trainer:
 
     def _to_qat(self, float_model: QEqModel) -> QEqModel:
         """The QAT twin of ``float_model`` with its activation steps calibrated on float batches."""
-        from .qat import calibration, convert_to_qat, set_activation_limbs
+        from .qat import calibration, convert_to_qat, quantizer_parameters, set_activation_limbs, widen_activation_steps
 
         q = self.quant
         model = convert_to_qat(float_model, q.scheme, scalar=False, vector=False,
@@ -190,6 +195,9 @@ class Trainer:
                 index = rng.choice(len(self.train), self.cfg.batch_size, replace=False)
                 graph, species, _, _ = self._batch(self.train, index, model)
                 model.energy_and_forces(graph.positions, species, graph.edge_index, graph.batch, graph.num_graphs)
+        widen_activation_steps(model, q.step_margin)
+        for step in quantizer_parameters(model):
+            step.requires_grad_(q.learn_steps)
         return model
 
     def _apply_quantization_schedule(self) -> None:

@@ -10,7 +10,7 @@ from e3nn import o3
 from qeq_ase.graph import molecules_to_graph
 from qeq_ase.model import ModelConfig, QEqModel
 from qeq_ase.qat import (QATScalarLinear, QATVectorLinear, calibration, convert_to_qat,
-                         quantization_state, quantizer_parameters, set_quantization)
+                         quantization_state, quantizer_parameters, set_quantization, widen_activation_steps)
 from qeq_ase.quantizers import (LSQQuantizer, MDDQQuantizer, NaiveQuantizer, fake_quantize_per_atom,
                                 fake_quantize_weight, per_atom_scale, quantize_weight)
 
@@ -62,6 +62,30 @@ def test_lsq_lazy_init_enable_switch_and_zero_batch():
     assert q(x) is x
     with pytest.raises(ValueError, match="init must be one of"):
         LSQQuantizer(init="minmax")
+
+
+def test_calibration_covers_every_batch_and_margin_widens_the_steps():
+    """A step calibrated on one batch clips a later, larger one (its inputs then drop out of
+    the forces); calibration takes the largest |x| of all batches, and the margin adds headroom."""
+    q, mddq = LSQQuantizer(), MDDQQuantizer()
+    small, large = torch.randn(64, 8), 3.0 * torch.randn(64, 8)
+    q.calibrating = mddq.calibrating = True
+    for x in (small, large, small):
+        assert q(x) is x
+        v = x.reshape(64, 1, 8).expand(64, 3, 8)
+        assert mddq(v) is v
+    assert q.effective_step() == pytest.approx(large.abs().max().item() / 127, rel=1e-6)
+    assert mddq.effective_step() == pytest.approx(large.abs().max().item() * math.sqrt(3) / 255, rel=1e-5)
+    q.calibrating = False
+    assert torch.equal(q(large).abs().max(), large.abs().max())       # nothing clipped
+    model = convert_to_qat(tiny_float_model(), "full")
+    with calibration(model):
+        predict(model, molecule_graph())
+    before = [s.item() for s in quantizer_parameters(model)]
+    widen_activation_steps(model, 2.0)
+    assert [s.item() for s in quantizer_parameters(model)] == [2.0 * b for b in before]
+    with pytest.raises(ValueError, match="step margin must be >= 1"):
+        widen_activation_steps(model, 0.5)
 
 
 def test_lsq_step_gradient_matches_formula_and_step_learns():

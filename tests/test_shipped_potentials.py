@@ -94,22 +94,6 @@ def test_shipped_potential_reproduces_recorded_test_errors(name):
         assert other["energy_mae_meV"] == pytest.approx(recorded["energy_mae_meV"], rel=1e-2)
 
 
-#: Shipped molecules whose INT8 file misses the 1.10x force bar, with the measured figures.
-#: Their test is a strict xfail: it shows in every run, and it fails once a better file
-#: meets the bar, so that the entry has to go.
-KNOWN_INT8_BAR_MISSES = {
-    "benzene": "INT8 5.96 vs fp32 4.90 meV/Å (1.22x): in quadrature the INT8 error is ~3 meV/Å, as for "
-               "aspirin (21.61 vs 21.40), and large against benzene's small float error (docs/training.md)",
-    "naphthalene": "INT8 21.70 vs fp32 19.04 meV/Å (1.14x): its QAT validation error rose once the vector "
-                   "branch was quantized (19.4 -> 23.0 meV/Å over 9 epochs; docs/training.md)",
-}
-
-
-def molecules_with_bar_marks() -> list:
-    return [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=KNOWN_INT8_BAR_MISSES[m]))
-            if m in KNOWN_INT8_BAR_MISSES else m for m in shipped_molecules()]
-
-
 def shipped_molecules() -> list[str]:
     return sorted({n.rsplit("_", 1)[0] for n in shipped_names()})
 
@@ -132,9 +116,9 @@ def test_every_shipped_molecule_has_both_files_and_the_int8_size_bar(molecule):
     assert os.path.getsize(int8["path"]) <= 0.27 * os.path.getsize(fp32["path"])
 
 
-@pytest.mark.parametrize("molecule", molecules_with_bar_marks())
+@pytest.mark.parametrize("molecule", shipped_molecules())
 def test_every_shipped_molecule_meets_the_int8_force_bar(molecule):
-    """Issue bar for every molecule: INT8 force MAE <= 1.10 x fp32 (KNOWN_INT8_BAR_MISSES: strict xfail)."""
+    """Issue bar for every molecule: INT8 force MAE <= 1.10 x fp32."""
     meta = shipped_metadata(molecule)
     ratio = meta["int8"]["test_errors"]["forces_mae_meV_per_A"] / meta["fp32"]["test_errors"]["forces_mae_meV_per_A"]
     assert ratio <= 1.10

@@ -1,6 +1,7 @@
 """The trainer: a short float run, resume after an interruption, and a QAT fine-tune."""
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ import yaml
 
 from qeq_ase.checkpoint import read_potential_file
 from qeq_ase.train import EMA, TrainConfig, Trainer, learning_rate
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_MODEL = {"num_features": 16, "num_layers": 1, "num_heads": 2, "num_radial": 8}
 
@@ -103,6 +106,37 @@ def test_qat_fine_tune_switches_branches_on_separately(tmp_path, rmd17_dir):
     with pytest.raises(ValueError, match="--int8 needs a quantization-aware"):
         export_potential(f"{tmp_path}/float/best.pt", str(rmd17_dir / "rmd17_ethanol_test_01.npz"),
                          str(tmp_path / "x.pt"), int8=True)
+
+
+def test_qat_can_keep_the_calibrated_steps_with_a_margin(tmp_path, rmd17_dir):
+    from qeq_ase.qat import quantizer_parameters
+
+    float_cfg = tiny_config(tmp_path, rmd17_dir, output_dir=str(tmp_path / "float"), max_epochs=1)
+    Trainer(float_cfg).run()
+    steps = {}
+    for margin, learn in ((1.0, True), (2.0, False)):
+        cfg = tiny_config(tmp_path, rmd17_dir, output_dir=str(tmp_path / f"qat{margin}"), max_epochs=1, lr=1e-3,
+                          init_from=str(tmp_path / "float" / "best.pt"),
+                          quantization={"scheme": "full", "vector_start_epoch": 0, "calibration_batches": 2,
+                                        "step_margin": margin, "learn_steps": learn})
+        trainer = Trainer(cfg)
+        steps[margin] = [p.detach().clone() for p in quantizer_parameters(trainer.model)]
+        trainer.train_epoch()
+        after = [p.detach() for p in quantizer_parameters(trainer.model)]
+        changed = sum(not torch.equal(a, b) for a, b in zip(after, steps[margin]))
+        assert (changed > 0) if learn else (changed == 0), changed
+    assert all(torch.equal(2.0 * a, b) for a, b in zip(steps[1.0], steps[2.0]))
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")))
+def test_committed_configs_load(path):
+    from qeq_ase.train import QuantizationConfig
+
+    cfg = TrainConfig.from_yaml(ROOT / path)
+    if cfg.quantization is not None:
+        QuantizationConfig.from_dict(cfg.quantization)
+        assert cfg.init_from, path
+    assert cfg.train_file.startswith("../shared/rmd17/") and not cfg.output_dir.startswith("/"), path
 
 
 def test_qat_requires_a_float_starting_point(tmp_path, rmd17_dir):
