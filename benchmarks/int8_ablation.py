@@ -35,7 +35,7 @@ from qeq_ase.dataset import RMD17_MOLECULES, load_rmd17, rmd17_path
 from qeq_ase.equivariance import check_equivariance
 from qeq_ase.evaluate import evaluate
 from qeq_ase.export import export_potential
-from qeq_ase.fit import FP32_RECIPE, INT8_RECIPE, _merge, _train
+from qeq_ase.fit import FP32_RECIPE, INT8_RECIPE, merge_options, train_stage
 from qeq_ase.int8_model import set_activation_limbs
 from qeq_ase.md import default_rmd17_dir
 from qeq_ase.registry import load_model
@@ -79,22 +79,22 @@ def main() -> None:
 
     floats = {"shipped": shipped, "no_attention_norm": work / "fp32_no_attention_norm.pt"}
     if not floats["no_attention_norm"].is_file():
-        cfg = _merge(FP32_RECIPE, {"train_file": train_file, "output_dir": str(work / "fp32_no_attention_norm"),
+        cfg = merge_options(FP32_RECIPE, {"train_file": train_file, "output_dir": str(work / "fp32_no_attention_norm"),
                                    "max_epochs": trained["epochs"], "time_budget_min": trained["training_minutes"],
                                    "model": {"attention_normalization": False}})
-        export_potential(str(_train(TrainConfig(**cfg))), test_file, str(floats["no_attention_norm"]))
+        export_potential(str(train_stage(TrainConfig(**cfg))), test_file, str(floats["no_attention_norm"]))
 
     files = {}
     for row, (base, scheme, vector_start) in ROWS.items():
         name = row.lstrip("+")
-        cfg = _merge(INT8_RECIPE, {"train_file": train_file, "output_dir": str(work / name),
+        cfg = merge_options(INT8_RECIPE, {"train_file": train_file, "output_dir": str(work / name),
                                    "time_budget_min": args.qat_minutes, "init_from": str(floats[base]),
                                    "quantization": {"scheme": scheme, "vector_start_epoch": vector_start,
                                                     "activation_limbs": 1, "step_margin": 1.0,
                                                     "learn_steps": True}})
         files[row] = work / f"{name}_int8.pt"
         if not files[row].is_file():
-            export_potential(str(_train(TrainConfig(**cfg))), test_file, str(files[row]), int8=True)
+            export_potential(str(train_stage(TrainConfig(**cfg))), test_file, str(files[row]), int8=True)
 
     test = load_rmd17(test_file)
     results = {f"fp32 {base}": _measure(path, test, None, args.lee_frames, args.lee_rotations)

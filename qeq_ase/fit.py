@@ -48,7 +48,7 @@ INT8_RECIPE: dict = {
 }
 
 
-def _train(cfg: TrainConfig) -> Path:
+def train_stage(cfg: TrainConfig) -> Path:
     """Run (or resume, or skip if its budget is spent) one training stage; its best file."""
     out = Path(cfg.output_dir)
     resume = (out / "last.pt").is_file()
@@ -82,15 +82,15 @@ def fit_potential(train_file: str, test_file: str, name: str, output_dir: str = 
     for kind, recipe, stage, options in stages:
         if files[kind].is_file():
             continue
-        merged = _merge(recipe, {"train_file": str(train_file), "output_dir": str(work / kind),
+        merged = merge_options(recipe, {"train_file": str(train_file), "output_dir": str(work / kind),
                                  "energy_key": energy_key, "forces_key": forces_key, **stage}, options or {})
-        best = _train(TrainConfig(**merged))
+        best = train_stage(TrainConfig(**merged))
         export_potential(str(best), test_file, str(files[kind]), name=f"{name}_{kind}", int8=kind == "int8",
                          energy_key=energy_key, forces_key=forces_key)
     return files
 
 
-def _merge(*layers: dict) -> dict:
+def merge_options(*layers: dict) -> dict:
     """Later layers override earlier ones; nested mappings (``model``, ``quantization``) merge key by key."""
     merged: dict = {}
     for layer in layers:
