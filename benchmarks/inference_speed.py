@@ -8,7 +8,7 @@ setting with ``torch._int_mm`` as its GEMM ("int8 _int_mm", ``set_int8_gemm(mode
 "int_mm")``; the others use the default, oneDNN's int8 linear on AMX CPUs).
 
     PYTHONPATH=. python benchmarks/inference_speed.py [--fp32 aspirin_fp32] [--int8 aspirin_int8]
-        [--threads 1 2] [--systems 1 64 476] [--seconds 3]
+        [--threads 1 2] [--systems 1 64 476] [--seconds 3] [--op-table K]
 
 Systems are copies of rMD17 aspirin frame 0 on a cubic grid 20 Å apart (far beyond the 5 Å
 cutoff, so every copy is an isolated molecule): 1 copy = 21 atoms, 64 = 1,344, 476 = 9,996.
@@ -106,21 +106,29 @@ def one_call(calc: QEqCalculator, atoms: Atoms, rng: np.random.Generator, autoca
     return calc.results["forces"]
 
 
-def profile_shares(calc: QEqCalculator, atoms: Atoms, autocast: bool, edges: str = "auto") -> tuple[float, float]:
-    """Shares of self CPU time in matrix products and in the fused edge kernel."""
+def profile_shares(calc: QEqCalculator, atoms: Atoms, autocast: bool, edges: str = "auto",
+                   top_ops: int = 0) -> tuple[float, float, list[tuple[str, float]]]:
+    """Shares of self CPU time in matrix products and in the fused edge kernel, and the
+    ``top_ops`` ops with the most self CPU time (ms per call)."""
     rng = np.random.default_rng(0)
+    calls = 3
     one_call(calc, atoms, rng, autocast, edges)
     with torch.profiler.profile() as prof:
-        for _ in range(3):
+        for _ in range(calls):
             one_call(calc, atoms, rng, autocast, edges)
     total = gemm = edge = 0.0
-    for event in prof.key_averages():
+    events = prof.key_averages()
+    for event in events:
         total += event.self_cpu_time_total
         if event.key in GEMM_OPS or "int8_linear" in event.key or "qeq_int8" in event.key:
             gemm += event.self_cpu_time_total
         if event.key.startswith("_EdgeAttention"):
             edge += event.self_cpu_time_total
-    return (gemm / total, edge / total) if total else (float("nan"), float("nan"))
+    ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top_ops]
+    top = [(e.key, e.self_cpu_time_total / calls / 1e3) for e in ranked]
+    if not total:
+        return float("nan"), float("nan"), top
+    return gemm / total, edge / total, top
 
 
 def main() -> None:
@@ -132,6 +140,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per system, precision and thread count")
     parser.add_argument("--default-malloc", action="store_true",
                         help="do not call qeq_ase.glibc_malloc.keep_large_allocations (large calls then page-fault)")
+    parser.add_argument("--op-table", type=int, default=0, metavar="K",
+                        help="also print the K ops with the most self CPU time (ms per call) of fp32 and int8")
     args = parser.parse_args()
     tuned = False if args.default_malloc else keep_large_allocations()
 
@@ -165,11 +175,15 @@ def main() -> None:
                     one_call(calc, atoms, rng, autocast, edges)
                     times[name].append(time.perf_counter() - t0)
             median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-            shares = {name: profile_shares(calcs[name][0], atoms, *calcs[name][1:]) for name in ("fp32", "int8")}
+            shares = {name: profile_shares(calcs[name][0], atoms, *calcs[name][1:], top_ops=args.op_table)
+                      for name in ("fp32", "int8")}
             print(f"| {len(atoms)} | {threads} | " + " | ".join(f"{median[name]:.2f}" for name in calcs) + " | "
                   + " | ".join(f"{median['fp32'] / median[name]:.2f}" for name in others)
                   + f" | {median['fp32 eager edges'] / median['fp32']:.2f}"
                   + f" | {shares['fp32'][0]:.0%} | {shares['int8'][0]:.0%} | {shares['fp32'][1]:.0%} |", flush=True)
+            for name in ("fp32", "int8") if args.op_table else ():
+                print(f"  {len(atoms)} atoms, {threads} thread(s), {name}, self CPU ms per call: "
+                      + ", ".join(f"{op} {ms:.1f}" for op, ms in shares[name][2]), flush=True)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     min_lr: float = 1e-6
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0                           # AdamW decay of weight matrices and embeddings
     warmup_epochs: float = 1.0
     max_epochs: int = 1000
     time_budget_min: float | None = None                # cosine ends here if reached before max_epochs
@@ -140,6 +140,18 @@ def learning_rate(cfg: TrainConfig, progress: float, epoch_float: float) -> floa
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * p))
 
 
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices and embeddings only.
+
+    Biases, LayerNorm gains, attention temperatures and quantizer steps are not decayed:
+    pulling them towards zero is not a smoothness prior, it changes what they mean.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
 class Trainer:
     """Holds the state of one run; :meth:`run` trains until the budget is spent."""
 
@@ -174,7 +186,7 @@ class Trainer:
             self._set_energy_statistics(self.train)
         self.model.to(self.device)
         self.ema = EMA(self.model, cfg.ema_decay)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay), lr=cfg.lr)
         self.epoch, self.step, self.elapsed_s, self.best = 0, 0, 0.0, math.inf
         if resume:
             self._load_checkpoint(self.out / "last.pt")

@@ -8,7 +8,8 @@ import torch
 import yaml
 
 from qeq_ase.checkpoint import read_potential_file
-from qeq_ase.train import EMA, TrainConfig, Trainer, learning_rate
+from qeq_ase.model import ModelConfig, QEqModel
+from qeq_ase.train import EMA, TrainConfig, Trainer, learning_rate, parameter_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,6 +44,24 @@ def test_ema_follows_the_model():
         model.weight.add_(1.0)
     ema.update(model, step=100)
     torch.testing.assert_close(ema.model.weight, model.weight - 0.5)
+
+
+def test_weight_decay_shrinks_matrices_and_embeddings_only():
+    model = QEqModel(ModelConfig(species=[1, 6, 8], **TINY_MODEL))
+    decay, rest = parameter_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in rest["params"])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([decay, rest], lr=0.5)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # Adam's own step is then 0: only the decay moves a weight
+    optimizer.step()
+    after = dict(model.named_parameters())
+    torch.testing.assert_close(after["embedding.weight"], before["embedding.weight"] * 0.95)
+    torch.testing.assert_close(after["layers.0.norm.weight"], before["layers.0.norm.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(after["layers.0.log_inv_temperature"], before["layers.0.log_inv_temperature"],
+                               rtol=0, atol=0)
 
 
 def test_training_reduces_error_and_resumes(tmp_path, rmd17_dir):
