@@ -94,6 +94,13 @@ def test_report_tables_the_files_and_reuses_unchanged_measurements(fitted, rmd17
     assert measured == ["timing ethanol_fp32 ...", "timing ethanol_int8 ..."]  # only the calculator timed again
     assert again["ethanol_int8"]["lee_mean_meV_per_A"] == int8["lee_mean_meV_per_A"]
     assert again["ethanol_int8"]["ms_per_call"] > 0
+    # a new INT8 file is measured; its unchanged fp32 partner is timed again in the same run
+    cache = json.loads(output.with_suffix(".json").read_text())
+    cache["potentials"]["ethanol_int8"]["sha256"] = "0" * 64
+    output.with_suffix(".json").write_text(json.dumps(cache))
+    measured.clear()
+    write_report(output, rmd17_dir, settings, files["fp32"].parent, log=measured.append)
+    assert measured == ["measuring ethanol_int8 ...", "timing ethanol_fp32 ..."]
 
 
 def test_training_totals_follow_float_restarts_but_not_into_qat():

@@ -84,7 +84,12 @@ def test_shipped_potential_reproduces_recorded_test_errors(name):
         set_int8_gemm(model, recorded_gemm)
     measured = errors()
     assert measured["forces_mae_meV_per_A"] == pytest.approx(recorded["forces_mae_meV_per_A"], rel=1e-3)
-    assert measured["energy_mae_meV"] == pytest.approx(recorded["energy_mae_meV"], rel=1e-3, abs=1e-3)
+    # int8 energies: the float GEMMs around the int8 layers round differently on another CPU
+    # (oneDNN picks its fp32 kernels by microarchitecture), which flips fine-grid input codes on
+    # rounding boundaries: measured up to 0.5% on the energy MAE of three files on a second machine
+    # of this project's kind (the forces stayed within 1e-3)
+    energy_rel = 1e-2 if is_int8_model(model) else 1e-3
+    assert measured["energy_mae_meV"] == pytest.approx(recorded["energy_mae_meV"], rel=energy_rel, abs=1e-3)
     if is_int8_model(model) and resolve_gemm("auto") != recorded_gemm:
         # the other GEMM rounds the scaled outputs differently, which moves fine-grid input
         # codes that sit on a rounding boundary: measured up to 0.3% on the energy MAE
