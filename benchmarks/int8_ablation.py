@@ -79,19 +79,20 @@ def main() -> None:
 
     floats = {"shipped": shipped, "no_attention_norm": work / "fp32_no_attention_norm.pt"}
     if not floats["no_attention_norm"].is_file():
-        cfg = merge_options(FP32_RECIPE, {"train_file": train_file, "output_dir": str(work / "fp32_no_attention_norm"),
-                                   "max_epochs": trained["epochs"], "time_budget_min": trained["training_minutes"],
-                                   "model": {"attention_normalization": False}})
+        cfg = merge_options(FP32_RECIPE, {
+            "train_file": train_file, "output_dir": str(work / "fp32_no_attention_norm"),
+            "max_epochs": trained["epochs"], "time_budget_min": trained["training_minutes"],
+            "model": {"attention_normalization": False}})
         export_potential(str(train_stage(TrainConfig(**cfg))), test_file, str(floats["no_attention_norm"]))
 
     files = {}
     for row, (base, scheme, vector_start) in ROWS.items():
         name = row.lstrip("+")
-        cfg = merge_options(INT8_RECIPE, {"train_file": train_file, "output_dir": str(work / name),
-                                   "time_budget_min": args.qat_minutes, "init_from": str(floats[base]),
-                                   "quantization": {"scheme": scheme, "vector_start_epoch": vector_start,
-                                                    "activation_limbs": 1, "step_margin": 1.0,
-                                                    "learn_steps": True}})
+        cfg = merge_options(INT8_RECIPE, {
+            "train_file": train_file, "output_dir": str(work / name),
+            "time_budget_min": args.qat_minutes, "init_from": str(floats[base]),
+            "quantization": {"scheme": scheme, "vector_start_epoch": vector_start,
+                             "activation_limbs": 1, "step_margin": 1.0, "learn_steps": True}})
         files[row] = work / f"{name}_int8.pt"
         if not files[row].is_file():
             export_potential(str(train_stage(TrainConfig(**cfg))), test_file, str(files[row]), int8=True)

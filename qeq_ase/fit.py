@@ -83,7 +83,7 @@ def fit_potential(train_file: str, test_file: str, name: str, output_dir: str = 
         if files[kind].is_file():
             continue
         merged = merge_options(recipe, {"train_file": str(train_file), "output_dir": str(work / kind),
-                                 "energy_key": energy_key, "forces_key": forces_key, **stage}, options or {})
+                                        "energy_key": energy_key, "forces_key": forces_key, **stage}, options or {})
         best = train_stage(TrainConfig(**merged))
         export_potential(str(best), test_file, str(files[kind]), name=f"{name}_{kind}", int8=kind == "int8",
                          energy_key=energy_key, forces_key=forces_key)
