@@ -1,11 +1,14 @@
 """Energy + forces through the ASE calculator: fp32, bf16 autocast and INT8 of one model.
 
-INT8 runs four times: with two-limb inputs (``activation_limbs=2``, the shipped setting,
-smooth energy), as W8A8 (``activation_limbs=1``, one int8 code per input), with two-limb
-inputs and int8 input-gradient GEMMs ("int8-bwd", ``set_backward_kernel(model, "int8")``;
-the others run the backward GEMM in fp32 with the dequantized weight), and as the shipped
-setting with ``torch._int_mm`` as its GEMM ("int8 _int_mm", ``set_int8_gemm(model,
-"int_mm")``; the others use the default, oneDNN's int8 linear on AMX CPUs).
+INT8 runs five times: with two-limb inputs (``activation_limbs=2``, the shipped setting,
+smooth energy; its backward is ``"auto"``: int8 input-gradient GEMMs in the edge filters,
+whose gradient the fused edge kernel writes as int8 codes, fp32 GEMMs with the dequantized
+weight elsewhere), as W8A8 (``activation_limbs=1``, one int8 code per input), with every
+input-gradient GEMM in int8 ("int8-bwd", ``set_backward_kernel(model, "int8")``), with every
+one in fp32 ("int8 float-bwd", ``set_backward_kernel(model, "float")``, the shipped setting
+before 2026-11-28), and as the shipped setting with ``torch._int_mm`` as its GEMM ("int8
+_int_mm", ``set_int8_gemm(model, "int_mm")``; the others use the default, oneDNN's int8
+linear on AMX CPUs).
 
     PYTHONPATH=. python benchmarks/inference_speed.py [--fp32 aspirin_fp32] [--int8 aspirin_int8]
         [--threads 1 2] [--systems 1 64 476] [--seconds 3] [--op-table K]
@@ -86,9 +89,10 @@ def edge_backend(name: str):
             os.environ["QEQ_EDGE_BACKEND"] = old
 
 
-def int8_backward(calc: QEqCalculator) -> QEqCalculator:
-    """The calculator with int8 input-gradient GEMMs (two-limb gradients) in every int8 layer."""
-    set_backward_kernel(calc.model, "int8")
+def backward_kernel(calc: QEqCalculator, kind: str) -> QEqCalculator:
+    """The calculator with the input-gradient GEMMs of ``kind`` (``"int8"``: two-limb int8
+    gradients; ``"float"``: fp32 GEMMs) in every int8 layer."""
+    set_backward_kernel(calc.model, kind)
     return calc
 
 
@@ -149,10 +153,12 @@ def main() -> None:
     calcs = {"fp32": (QEqCalculator(args.fp32), False, "auto"), "bf16": (QEqCalculator(args.fp32), True, "auto"),
              "int8": (QEqCalculator(args.int8, activation_limbs=2), False, "auto"),
              "int8 W8A8": (QEqCalculator(args.int8, activation_limbs=1), False, "auto"),
-             "int8 int8-bwd": (int8_backward(QEqCalculator(args.int8, activation_limbs=2)), False, "auto"),
+             "int8 int8-bwd": (backward_kernel(QEqCalculator(args.int8, activation_limbs=2), "int8"), False, "auto"),
+             "int8 float-bwd": (backward_kernel(QEqCalculator(args.int8, activation_limbs=2), "float"), False,
+                                "auto"),
              "int8 _int_mm": (int_mm(QEqCalculator(args.int8, activation_limbs=2)), False, "auto"),
              "fp32 eager edges": (QEqCalculator(args.fp32), False, "eager")}
-    others = ["bf16", "int8", "int8 W8A8", "int8 int8-bwd", "int8 _int_mm"]
+    others = ["bf16", "int8", "int8 W8A8", "int8 int8-bwd", "int8 float-bwd", "int8 _int_mm"]
     gemm = next(m.gemm for m in calcs["int8"][0].model.modules() if isinstance(m, _Int8LinearBase))
     print(f"CPU {cpu_name()}, torch {torch.__version__}, glibc malloc "
           f"{'keeps large allocations' if tuned else 'default'}, int8 GEMM (default): {gemm}")

@@ -34,7 +34,7 @@ import math
 import torch
 from torch import nn
 
-from .edge_kernel import EdgeBlock, edge_attention
+from .edge_kernel import EdgeBlock, filtered_edge_attention
 from .layers import LayerFactory
 
 
@@ -137,8 +137,8 @@ class EquivariantAttention(nn.Module):
         agg_s = agg_v = None
         for block in blocks:
             e = block.edges
-            part_s, part_v = edge_attention(qkv, v_in, self.edge_filter(edge_features[e]), envelope[e], unit[e],
-                                            scale, block.csr, self.normalize)
+            part_s, part_v = filtered_edge_attention(qkv, v_in, edge_features[e], self.edge_filter, envelope[e],
+                                                     unit[e], scale, block.csr, self.normalize)
             agg_s = part_s if agg_s is None else agg_s + part_s
             agg_v = part_v if agg_v is None else agg_v + part_v
         return agg_s.to(qkv.dtype), agg_v.to(v_in.dtype)

@@ -149,8 +149,44 @@ class _EdgeAttention(torch.autograd.Function):
             grad_v = torch.zeros_like(vin)
         grads = load_edge_kernel().backward(grad_s.contiguous(), grad_v.contiguous(), qkv, vin, filt, envelope,
                                             unit, scale, u, cos, knorm, *graph, ctx.normalize)
-        dqkv, dvin, dfilt, denv, dunit, dscale = grads
+        dqkv, dvin, dfilt, denv, dunit, dscale, _, _ = grads
         return dqkv, dvin, dfilt, denv, dunit, dscale, None, None
+
+
+class _Int8FilterEdgeAttention(torch.autograd.Function):
+    """The filter GEMM and the kernel as one node, for an int8 filter layer that takes gradient codes.
+
+    Backward: the kernel writes the filter gradient times the layer's weight scales as
+    two-limb int8 codes per edge, which go straight into the layer's int8 input-gradient
+    GEMM; the ``[E, 4F]`` float gradient is never stored, nor read again to be quantized.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, vin, edge_features, envelope, unit, scale, csr: EdgeCSR, normalize: bool, layer):
+        filt, clipped = layer.forward_no_grad(edge_features)
+        graph = (csr.rowptr, csr.sender, csr.receiver, csr.colptr, csr.sender_order)
+        agg_s, agg_v, *saved = load_edge_kernel().forward(qkv, vin, filt, envelope, unit, scale, *graph, normalize)
+        ctx.save_for_backward(qkv, vin, filt, envelope, unit, scale, *saved, *graph,
+                              edge_features if clipped else None)  # the input only for LSQ's STE mask
+        ctx.normalize, ctx.layer = normalize, layer
+        return agg_s, agg_v
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_s, grad_v):
+        qkv, vin, filt, envelope, unit, scale, u, cos, knorm, *graph, clipped_input = ctx.saved_tensors
+        if grad_s is None:
+            grad_s = torch.zeros(qkv.shape[0], qkv.shape[1] // 5, dtype=qkv.dtype)
+        if grad_v is None:
+            grad_v = torch.zeros_like(vin)
+        layer = ctx.layer
+        grads = load_edge_kernel().backward(grad_s.contiguous(), grad_v.contiguous(), qkv, vin, filt, envelope,
+                                            unit, scale, u, cos, knorm, *graph, ctx.normalize,
+                                            layer.weight_scale, layer.gradient_tiny,
+                                            layer.planar_gradient_codes(filt.shape[0]))
+        dqkv, dvin, _, denv, dunit, dscale, codes, code_scale = grads
+        dfeatures = layer.input_grad_from_codes(codes, code_scale, clipped_input) if ctx.needs_input_grad[2] else None
+        return dqkv, dvin, dfeatures, denv, dunit, dscale, None, None, None
 
 
 def edge_attention(qkv: torch.Tensor, vin: torch.Tensor, filt: torch.Tensor, envelope: torch.Tensor,
@@ -166,3 +202,22 @@ def edge_attention(qkv: torch.Tensor, vin: torch.Tensor, filt: torch.Tensor, env
     dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
     args = [t.to(dtype).contiguous() for t in (qkv, vin, filt, envelope, unit, scale)]
     return _EdgeAttention.apply(*args, csr, normalize)
+
+
+def filtered_edge_attention(qkv: torch.Tensor, vin: torch.Tensor, edge_features: torch.Tensor, filter_layer,
+                            envelope: torch.Tensor, unit: torch.Tensor, scale: torch.Tensor, csr: EdgeCSR,
+                            normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`edge_attention` with ``filt = filter_layer(edge_features)``.
+
+    If the filter layer takes its input gradient as int8 codes
+    (``filter_layer.takes_gradient_codes``: an int8 layer with two-limb inputs and
+    ``backward="auto"``, the default, or ``"int8"``; :mod:`qeq_ase.int8_linear`) and the
+    inputs are float32, the filter GEMM
+    and the kernel run as one autograd node whose backward feeds the kernel's int8 filter
+    gradient to the layer's int8 GEMM (:class:`_Int8FilterEdgeAttention`).
+    """
+    if (getattr(filter_layer, "takes_gradient_codes", False) and qkv.dtype == torch.float32
+            and vin.dtype == torch.float32 and edge_features.dtype == torch.float32):
+        args = [t.contiguous() for t in (qkv, vin, edge_features, envelope.float(), unit.float(), scale.float())]
+        return _Int8FilterEdgeAttention.apply(*args, csr, normalize, filter_layer)
+    return edge_attention(qkv, vin, filter_layer(edge_features), envelope, unit, scale, csr, normalize)

@@ -44,16 +44,21 @@ input grid is 254 times finer, which makes the energy smooth enough in the posit
 
 Backward (forces): with the straight-through estimator the layer is linear in ``x``, so
 ``dL/dx = (g @ W_deq) * mask`` where ``W_deq = W_q * s_w`` and ``mask`` is LSQ's STE mask
-(0 where ``x`` was clipped). ``backward="float"`` (default) uses a cached float copy of
+(0 where ``x`` was clipped). ``backward="float"`` uses a cached float copy of
 ``W_deq`` and an fp32 GEMM, exact with respect to the dequantized layer;
 ``backward="int8"`` quantizes ``g * s_w`` per row (in as many limbs as the layer's inputs)
-and reuses ``W_q`` (packed transposed for oneDNN) in the int8 GEMM.
+and reuses ``W_q`` (packed transposed for oneDNN) in the int8 GEMM. ``backward="auto"``
+(default) runs the int8 GEMM where the gradient arrives already quantized, and the float
+one elsewhere: the fused edge kernel writes the edge filters' gradient as two-limb int8
+codes (:func:`qeq_ase.edge_kernel.filtered_edge_attention`, :meth:`takes_gradient_codes`),
+so no quantization pass is added there, and the ``[E, 4F] x [4F, F]`` product, the largest
+of a call, runs in int8 (``docs/speed.md``).
 Double backward (``create_graph=True``) runs a differentiable float path that gives the
 same second derivatives as the fake-quantized QAT layer (the STE mask has zero derivative).
 
 The fused kernels and the autograd node are C++ (``qeq_ase/csrc/int8_kernels.cpp``), built
 with ``torch.utils.cpp_extension`` on the first forward pass (never at import; 30-50 s
-once, then cached in ``~/.cache/torch_extensions``; ``-march=native``, so do not share
+once, then cached in ``~/.cache/torch_extensions/qeq_ase``; ``-march=native``, so do not share
 that cache between different CPUs). ``backend="auto"`` falls back to eager torch with a
 warning when the build fails (or when ``QEQ_INT8_BACKEND=eager``); ``backend="cpp"``
 raises instead. ``layer.kernel`` says what runs.
@@ -75,7 +80,7 @@ from .quantizers import (TINY, LSQQuantizer, MDDQQuantizer, fake_quantize_limbs,
                          per_atom_scale, quantize_weight)
 
 BACKENDS = ("auto", "cpp", "eager")
-BACKWARD_KERNELS = ("float", "int8")
+BACKWARD_KERNELS = ("auto", "float", "int8")
 GEMMS = ("auto", "int_mm", "onednn")
 #: The oneDNN GEMM runs only for inputs of at least this many rows and for weights whose
 #: two dimensions are at least ONEDNN_MIN_WIDTH (narrower ones hit oneDNN's reference
@@ -187,17 +192,21 @@ class EagerKernels:
         return cls.rescale(torch._int_mm(codes, w_t), scale, 3, w_scale, None, None, 1.0, qmax, limbs)
 
     @classmethod
-    def linear_backward_int8(cls, grad, w_scale, w, x, step, qmax, tiny, limbs=1, packed=None):
-        onednn = _use_onednn(packed, grad.shape[0])
-        codes, scale = cls.quantize_per_row_limbs(grad, w_scale, 127, tiny, limbs, planar=onednn)
-        if onednn:
-            out = _onednn_linear(codes, limbs, 1.0, 1.0 / 254.0, packed, grad.new_ones(w.shape[1]), None)
+    def linear_backward_from_codes(cls, codes, scale, w, x, step, qmax, limbs=1, packed=None):
+        if _use_onednn(packed, scale.shape[0]):  # planar codes
+            out = _onednn_linear(codes, limbs, 1.0, 1.0 / 254.0, packed, scale.new_ones(w.shape[1]), None)
             out.mul_(scale[:, None])
         else:
             out = cls.rescale(torch._int_mm(codes, w), scale, 1, None, None, None, 1.0, 127, limbs)
         if x is not None:
             cls.ste_mask_(out, x, step, qmax)
         return out
+
+    @classmethod
+    def linear_backward_int8(cls, grad, w_scale, w, x, step, qmax, tiny, limbs=1, packed=None):
+        onednn = _use_onednn(packed, grad.shape[0])
+        codes, scale = cls.quantize_per_row_limbs(grad, w_scale, 127, tiny, limbs, planar=onednn)
+        return cls.linear_backward_from_codes(codes, scale, w, x, step, qmax, limbs, packed)
 
     @staticmethod
     def int8_linear(x, w_t, w, w_deq, w_scale, bias, step, qmax, atom, backward_int8, limbs=1,
@@ -349,7 +358,7 @@ class _Int8LinearBase(nn.Module):
     input_mode = "static"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, input_qmax: int = 127,
-                 backend: str = "auto", backward: str = "float", gemm: str = "auto"):
+                 backend: str = "auto", backward: str = "auto", gemm: str = "auto"):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
@@ -425,8 +434,11 @@ class _Int8LinearBase(nn.Module):
     @property
     def kernel(self) -> str:
         """What runs: GEMM, quantize/rescale kernels, backward GEMM (builds the C++ kernels)."""
-        backward = ("fp32 GEMM with the dequantized weight" if self.backward_kernel == "float"
+        backward = ("fp32 GEMM with the dequantized weight" if self.backward_kernel != "int8"
                     else f"torch._int_mm with per-row {'two-limb ' if self.activation_limbs == 2 else ''}int8 gradients")
+        if self.takes_gradient_codes and self.backward_kernel == "auto":
+            backward += ("; the int8 GEMM on two-limb int8 gradient codes where a fused kernel hands them over "
+                         "(edge filters)")
         gemm = (f"oneDNN qlinear_pointwise (int8 x int8, AMX-INT8 where present; torch._int_mm below "
                 f"{ONEDNN_MIN_ROWS} rows or {ONEDNN_MIN_WIDTH} channels)" if self.gemm == "onednn"
                 else "torch._int_mm (int8 x int8 -> int32)")
@@ -462,6 +474,44 @@ class _Int8LinearBase(nn.Module):
         if atom:  # no autograd node needed
             return ops.linear_atom_forward(x2d, qmax, TINY, w_t, w_scale, limbs, w_packed)
         return ops.linear_static_forward(x2d, step, qmax, w_t, w_scale, bias, limbs, w_packed)[0]
+
+    # --- the input gradient as int8 codes (qeq_ase.edge_kernel.filtered_edge_attention) ---
+
+    @property
+    def takes_gradient_codes(self) -> bool:
+        """Whether a producer of this layer's output gradient may hand it over as int8 codes.
+
+        True for ``backward="auto"`` or ``"int8"`` with two-limb static inputs
+        (:meth:`input_grad_from_codes` is then the int8 backward of ``backward="int8"``).
+        """
+        return self.backward_kernel != "float" and self.activation_limbs == 2 and self.input_mode == "static"
+
+    gradient_tiny = TINY
+
+    def planar_gradient_codes(self, rows: int) -> bool:
+        """Layout of the gradient codes :meth:`input_grad_from_codes` takes for ``rows`` rows:
+        planar (oneDNN) or interleaved (``torch._int_mm``)."""
+        return _use_onednn(self._packed_weights()[1], rows)
+
+    def forward_no_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``(y, clipped)`` for static inputs, without an autograd node: ``clipped`` says
+        whether any input lay outside the quantizer's range (its gradient is then masked)."""
+        if self.input_mode != "static" or x.dtype is not torch.float32:
+            raise ValueError("forward_no_grad takes float32 inputs of a layer with a static input step")
+        w_t, w, w_deq, w_scale, bias, step, qmax, atom, limbs = self._call
+        w_packed, _ = self._packed_weights()
+        x2d = x.reshape(-1, self.in_features).contiguous()
+        y, clipped = self._ops().linear_static_forward(x2d, step, qmax, w_t, w_scale, bias, limbs, w_packed)
+        return y.reshape(*x.shape[:-1], self.out_features), bool(clipped)
+
+    def input_grad_from_codes(self, codes: torch.Tensor, scale: torch.Tensor,
+                              x: torch.Tensor | None = None) -> torch.Tensor:
+        """``dL/dx`` from per-row two-limb codes ``[2M, out]`` of ``g * weight_scale`` and their
+        scales ``[M]`` (layout :meth:`planar_gradient_codes`): the int8 GEMM with ``W_q`` of
+        ``backward="int8"``, masked by the input quantizer's STE when ``x`` (the input) is given."""
+        w_t, w, w_deq, w_scale, bias, step, qmax, atom, limbs = self._call
+        _, w_t_packed = self._packed_weights()
+        return self._ops().linear_backward_from_codes(codes, scale, w, x, step, qmax, 2, w_t_packed)
 
     def extra_repr(self) -> str:
         inputs = "int8" if self.activation_limbs == 1 else "two-limb int8"

@@ -127,7 +127,9 @@ def set_backward_kernel(model: nn.Module, backward: str) -> nn.Module:
     ``"float"``: fp32 GEMM with the dequantized weight, exact for the straight-through
     gradient. ``"int8"``: ``g * s_w`` quantized per row in as many limbs as the layer's
     inputs, then the int8 GEMM with the int8 weight: with two limbs the forces change by less
-    than 1e-4 of their RMS (tested; speed in ``docs/speed.md``).
+    than 1e-4 of their RMS (tested; speed in ``docs/speed.md``). ``"auto"`` (default): the
+    int8 GEMM where the gradient arrives as int8 codes (the edge filters, whose gradient the
+    fused edge kernel writes as two-limb codes), the float GEMM elsewhere.
     """
     if backward not in BACKWARD_KERNELS:
         raise ValueError(f"backward must be one of {BACKWARD_KERNELS}, not {backward!r}")
@@ -208,7 +210,7 @@ def _split(path: str) -> tuple[str, str]:
     return parent, name
 
 
-def convert_to_int8(qat_model: QEqModel, backend: str = "auto", backward: str = "float") -> QEqModel:
+def convert_to_int8(qat_model: QEqModel, backend: str = "auto", backward: str = "auto") -> QEqModel:
     """The int8 inference model of a QAT model (which is not modified).
 
     Args:
@@ -278,7 +280,7 @@ def convert_to_int8(qat_model: QEqModel, backend: str = "auto", backward: str = 
 
 def int8_model_skeleton(config: ModelConfig, scheme: str = "full", activation_bits: int = 8,
                         float_observers: tuple[str, ...] = (), backend: str = "auto",
-                        backward: str = "float") -> QEqModel:
+                        backward: str = "auto") -> QEqModel:
     """An int8 ``QEqModel`` with zero codes: the module layout :func:`build_int8_model` fills.
 
     ``float_observers``: paths of the observers kept as float fake quantizers (MDDQ when
@@ -341,7 +343,7 @@ def _check_int8_tensors(model: QEqModel, state_dict: dict) -> None:
 
 
 def build_int8_model(config: ModelConfig, state_dict: dict, scheme: str = "full", activation_bits: int = 8,
-                     backend: str = "auto", backward: str = "float") -> QEqModel:
+                     backend: str = "auto", backward: str = "auto") -> QEqModel:
     """Rebuild an int8 model from its config and :func:`int8_state_dict` (no QAT model needed).
 
     ``scheme`` and ``activation_bits`` are those of ``metadata["quantization"]`` (the state

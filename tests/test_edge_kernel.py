@@ -61,6 +61,35 @@ def test_fused_backward_passes_gradcheck(normalize):
     assert torch.autograd.gradcheck(lambda *a: edge_attention(*a, csr, normalize), inputs)
 
 
+@pytest.mark.parametrize("planar", [True, False], ids=["planar", "interleaved"])
+def test_int8_filter_gradient_codes_are_those_of_the_int8_quantizer(planar):
+    """The backward's int8 mode writes what quantize_per_row_limbs makes of the float dfilt."""
+    from qeq_ase.int8_linear import load_cpp_kernels
+    from qeq_ase.quantizers import TINY
+
+    layer, edge_index, x = random_layer_inputs(True, seed=2)
+    order = receiver_order(edge_index)
+    csr = EdgeCSR.from_sorted_edges(edge_index[:, order], x["qkv"].shape[0])
+    graph = (csr.rowptr, csr.sender, csr.receiver, csr.colptr, csr.sender_order)
+    inputs = [x["qkv"], x["vin"]] + [x[k][order] for k in ("filt", "envelope", "unit")] + [layer.logit_scale()]
+    inputs = [t.detach().float().contiguous() for t in inputs]
+    kernel = edge_kernel.load_edge_kernel()
+    _, _, *saved = kernel.forward(*inputs, *graph, True)
+    gen = torch.Generator().manual_seed(3)
+    grad_s, grad_v = torch.randn(8, 16, generator=gen), torch.randn(8, 3, 16, generator=gen)
+    col_scale = torch.rand(64, generator=gen) + 0.5
+    args = (grad_s, grad_v, *inputs, *saved, *graph, True)
+    reference = kernel.backward(*args)
+    out = kernel.backward(*args, filt_col_scale=col_scale, tiny=TINY, planar=planar)
+    codes, scale = load_cpp_kernels().quantize_per_row_limbs(reference[2], col_scale, 127, TINY, 2, planar)
+    assert out[2].numel() == 0 and reference[6].numel() == 0  # no float dfilt / no codes
+    assert torch.equal(out[6], codes) and torch.equal(out[7], scale)
+    for a, b in zip(out[:6], reference[:6]):
+        if a.numel():
+            assert torch.equal(a, b)
+    assert codes.abs().max() == 127  # a real quantization: every row reaches the range
+
+
 def test_fused_kernel_has_no_double_backward():
     layer, edge_index, x = random_layer_inputs(True)
     order = receiver_order(edge_index)

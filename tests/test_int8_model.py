@@ -152,15 +152,43 @@ def test_two_limb_int8_backward_gives_the_float_backward_forces(models):
     positions = molecules(2, seed=4)
     try:
         set_activation_limbs(model, 2)
-        ref = predict(model, positions)
+        ref = predict(set_backward_kernel(model, "float"), positions)
         out = predict(set_backward_kernel(model, "int8"), positions)
         assert "two-limb int8 gradients" in int8_kernel_report(model)["layers"]["layers.0.qkv"]["kernel"]
     finally:
-        set_backward_kernel(model, "float"), set_activation_limbs(model, 1)
+        set_backward_kernel(model, "auto"), set_activation_limbs(model, 1)
     assert torch.equal(out["energy"], ref["energy"])  # the forward is untouched
     assert rms(out["forces"] - ref["forces"]) < 1e-4 * rms(ref["forces"])
     with pytest.raises(ValueError, match="backward must be one of"):
         set_backward_kernel(model, "bf16")
+
+
+def test_int8_filter_gradient_goes_from_the_edge_kernel_to_the_int8_gemm_as_codes(models, monkeypatch):
+    """By default (backward "auto") the edge kernel hands the filter gradient to the filter's
+    int8 GEMM as int8 codes; the forces are those of an int8 backward in the filters alone
+    that quantizes the float gradient itself, and within 1e-4 of the float backward's."""
+    _, _, model = models
+    positions = molecules(2, seed=5)
+    calls = []
+    from_codes = Int8ScalarLinear.input_grad_from_codes
+    monkeypatch.setattr(Int8ScalarLinear, "input_grad_from_codes",
+                        lambda self, *a: calls.append(self) or from_codes(self, *a))
+    try:
+        set_activation_limbs(set_backward_kernel(model, "auto"), 2)
+        out = predict(model, positions)
+        assert calls[::-1] == [layer.edge_filter for layer in model.layers]  # backward: last layer first
+        assert "gradient codes" in int8_kernel_report(model)["layers"]["layers.0.edge_filter"]["kernel"]
+        exact = predict(set_backward_kernel(model, "float"), positions)
+        for layer in model.layers:
+            layer.edge_filter.backward_kernel = "int8"
+        monkeypatch.setattr(Int8ScalarLinear, "takes_gradient_codes", property(lambda self: False))
+        ref = predict(model, positions)
+    finally:
+        set_backward_kernel(model, "auto"), set_activation_limbs(model, 1)
+    assert len(calls) == len(model.layers)
+    assert torch.equal(out["energy"], ref["energy"])
+    assert rms(out["forces"] - ref["forces"]) < 1e-6 * rms(ref["forces"])
+    assert 0 < rms(out["forces"] - exact["forces"]) < 1e-4 * rms(exact["forces"])
 
 
 def test_forward_runs_int8_gemms_and_never_a_dequantized_float_layer(models, monkeypatch):

@@ -26,6 +26,12 @@
 // Backward runs in two passes so that no two threads write the same row: pass 1 loops
 // over receivers (softmax and query gradients, per-edge logit gradients), pass 2 over
 // senders (key, value and vector-feature gradients of the sender, per-edge gradients).
+//
+// For the INT8 model the backward can hand the filter gradient straight to the filter
+// layer's int8 input-gradient GEMM (qeq_ase/edge_kernel.py, filtered_edge_attention): given the
+// layer's weight scales s_w [4F], each edge's row y = dfilt[e] * s_w is written as two-limb
+// int8 codes with one scale per row, exactly as quantize_per_row_limbs of
+// qeq_ase/csrc/int8_kernels.cpp would write them, and no float [E, 4F] gradient is stored.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -33,6 +39,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -101,6 +108,45 @@ inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
   for (int64_t t = 0; t < n; ++t) s += a[t] * b[t];
   return s;
 }
+
+// The per-row two-limb quantizer of qeq_ase/csrc/int8_kernels.cpp (quantize_per_row_limbs
+// with qmax 127), repeated here because the two extensions are built separately;
+// tests/test_edge_kernel.py checks that the codes agree bit for bit.
+inline float round_half_even(float y) {
+  const float magic = 12582912.0f;  // 1.5 * 2^23; exact for |y| <= 2^22
+  return (y + magic) - magic;
+}
+
+// y = row * col_scale; scale = max(max |y|, tiny) / 127; hi = round(clamp(y / scale)),
+// lo = round((clamp(y / scale) - hi) * 254). row is overwritten with y.
+inline float quantize_row_limbs(float* __restrict row, const float* __restrict col_scale, int64_t n, float tiny,
+                                int8_t* __restrict hi, int8_t* __restrict lo) {
+  // Both loops must vectorise: they run over every element of every edge's filter gradient.
+  float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+  for (int64_t k = 0; k < n; ++k) {
+    row[k] *= col_scale[k];
+    amax = std::max(amax, std::fabs(row[k]));
+  }
+  const float q = 127.0f, s = std::max(amax, tiny) / q;
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const float yc = std::min(std::max(row[k] / s, -q), q);
+    const float h = round_half_even(yc);
+    hi[k] = static_cast<int8_t>(static_cast<int32_t>(h));
+    lo[k] = static_cast<int8_t>(static_cast<int32_t>(round_half_even((yc - h) * (2.0f * q))));
+  }
+  return s;
+}
+
+// Where the filter-gradient codes go (int8 mode of the backward).
+struct FilterCodes {
+  const float* col_scale = nullptr;  // s_w [4F]; nullptr: write the float dfilt instead
+  float tiny = 0.0f;
+  bool planar = false;  // hi rows then lo rows (oneDNN), or (hi, lo) pairs of rows (torch._int_mm)
+  int8_t* codes = nullptr;  // [2E, 4F]
+  float* scale = nullptr;   // [E]
+};
 
 // q / max(|q|, eps) per head of one node; returns nothing, fills qn and the clamped norms.
 template <typename T>
@@ -269,9 +315,10 @@ template <typename T>
 void backward_senders(const T* qkv, const T* vin, const T* filt, const T* env, const T* unit, const T* scale,
                       const T* u_in, const T* knorm, const T* qn_all, const T* gs, const T* gv, const T* dlogit,
                       const Graph& g, const Sizes& s, bool normalize, T* dqkv, T* dvin, T* dfilt, T* denv,
-                      T* dunit) {
+                      T* dunit, const FilterCodes& fc) {
   const int64_t F = s.F, H = s.H, D = s.D;
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> row(fc.col_scale ? 4 * F : 0);  // one edge's filter gradient, int8 mode
     for (int64_t j = begin; j < end; ++j) {
       T* dk = dqkv + j * 5 * F + F;  // k and the three value parts, 4F columns
       T* dvj = dvin + j * 3 * F;
@@ -288,7 +335,7 @@ void backward_senders(const T* qkv, const T* vin, const T* filt, const T* env, c
         const T* gsi = gs + i * F;
         const T* gvi = gv + i * 3 * F;
         const T* ue = unit + 3 * e;
-        T* dkf = dfilt + e * 4 * F;
+        T* dkf = fc.col_scale ? row.data() : dfilt + e * 4 * F;
         T* dvf = dkf + F;
         T dc = 0, du0 = 0, du1 = 0, du2 = 0;
         // scalar message: agg_s += (C u) * vals_x * vf_x * C
@@ -352,6 +399,13 @@ void backward_senders(const T* qkv, const T* vin, const T* filt, const T* env, c
             }
           }
         }
+        if constexpr (std::is_same_v<T, float>) {
+          if (fc.col_scale) {
+            int8_t* hi = fc.codes + (fc.planar ? e : 2 * e) * 4 * F;
+            int8_t* lo = hi + (fc.planar ? s.E : 1) * 4 * F;
+            fc.scale[e] = quantize_row_limbs(row.data(), fc.col_scale, 4 * F, fc.tiny, hi, lo);
+          }
+        }
       }
     }
   });
@@ -383,7 +437,10 @@ std::vector<at::Tensor> edge_attention_forward(const at::Tensor& qkv, const at::
   return {agg_s, agg_v, u, cos, knorm};
 }
 
-// Returns dqkv [N, 5F], dvin [N, 3, F], dfilt [E, 4F], denv [E], dunit [E, 3], dscale [H].
+// Returns dqkv [N, 5F], dvin [N, 3, F], dfilt [E, 4F], denv [E], dunit [E, 3], dscale [H],
+// and two empty tensors. Int8 mode (filt_col_scale [4F] given, float32 only): dfilt is
+// empty and the last two are the codes [2E, 4F] (int8; planar or interleaved limbs) and
+// the row scales [E] of dfilt * filt_col_scale (see FilterCodes).
 std::vector<at::Tensor> edge_attention_backward(const at::Tensor& grad_s, const at::Tensor& grad_v,
                                                 const at::Tensor& qkv, const at::Tensor& vin, const at::Tensor& filt,
                                                 const at::Tensor& env, const at::Tensor& unit,
@@ -391,7 +448,9 @@ std::vector<at::Tensor> edge_attention_backward(const at::Tensor& grad_s, const 
                                                 const at::Tensor& cos, const at::Tensor& knorm,
                                                 const at::Tensor& rowptr, const at::Tensor& sender,
                                                 const at::Tensor& receiver, const at::Tensor& colptr,
-                                                const at::Tensor& sender_order, bool normalize) {
+                                                const at::Tensor& sender_order, bool normalize,
+                                                const c10::optional<at::Tensor>& filt_col_scale, double tiny,
+                                                bool planar) {
   const Sizes s = check_inputs(qkv, vin, filt, env, unit, scale, rowptr, sender, receiver, colptr, sender_order);
   const Graph g = graph_of(rowptr, sender, receiver, colptr, sender_order);
   check(grad_s, "grad_s", qkv.scalar_type());
@@ -402,9 +461,20 @@ std::vector<at::Tensor> edge_attention_backward(const at::Tensor& grad_s, const 
   }
   TORCH_CHECK(grad_s.numel() == s.N * s.F && grad_v.numel() == 3 * s.N * s.F,
               "grad_s [N, F] and grad_v [N, 3, F] do not match the inputs");
+  FilterCodes fc;
+  at::Tensor codes, code_scale;
+  if (filt_col_scale.has_value()) {
+    TORCH_CHECK(qkv.scalar_type() == at::kFloat, "int8 filter-gradient codes need float32 inputs");
+    check(*filt_col_scale, "filt_col_scale", at::kFloat);
+    TORCH_CHECK(filt_col_scale->numel() == 4 * s.F, "filt_col_scale must have 4F entries");
+    codes = at::empty({2 * s.E, 4 * s.F}, qkv.options().dtype(at::kChar));
+    code_scale = at::empty({s.E}, qkv.options());
+    fc = {filt_col_scale->data_ptr<float>(), static_cast<float>(tiny), planar, codes.data_ptr<int8_t>(),
+          code_scale.data_ptr<float>()};
+  }
   auto dqkv = at::empty_like(qkv);
   auto dvin = at::empty_like(vin);
-  auto dfilt = at::empty_like(filt);
+  auto dfilt = fc.col_scale ? at::empty({0}, filt.options()) : at::empty_like(filt);
   auto denv = at::empty_like(env);
   auto dunit = at::empty_like(unit);
   auto dlogit = at::empty({s.E, s.H}, qkv.options());
@@ -419,13 +489,19 @@ std::vector<at::Tensor> edge_attention_backward(const at::Tensor& grad_s, const 
                                u.data_ptr<scalar_t>(), knorm.data_ptr<scalar_t>(), qn.data_ptr<scalar_t>(),
                                grad_s.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(), dlogit.data_ptr<scalar_t>(),
                                g, s, normalize, dqkv.data_ptr<scalar_t>(), dvin.data_ptr<scalar_t>(),
-                               dfilt.data_ptr<scalar_t>(), denv.data_ptr<scalar_t>(), dunit.data_ptr<scalar_t>());
+                               dfilt.data_ptr<scalar_t>(), denv.data_ptr<scalar_t>(), dunit.data_ptr<scalar_t>(),
+                               fc);
   });
   auto dscale = (dlogit * cos).sum(0);
-  return {dqkv, dvin, dfilt, denv, dunit, dscale};
+  if (!codes.defined()) codes = code_scale = at::empty({0}, qkv.options());
+  return {dqkv, dvin, dfilt, denv, dunit, dscale, codes, code_scale};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &edge_attention_forward, "fused per-edge attention of one layer: agg_s, agg_v, u, cos, knorm");
-  m.def("backward", &edge_attention_backward, "first-order backward of forward (forces)");
+  m.def("backward", &edge_attention_backward, "first-order backward of forward (forces)", py::arg("grad_s"),
+        py::arg("grad_v"), py::arg("qkv"), py::arg("vin"), py::arg("filt"), py::arg("env"), py::arg("unit"),
+        py::arg("scale"), py::arg("u"), py::arg("cos"), py::arg("knorm"), py::arg("rowptr"), py::arg("sender"),
+        py::arg("receiver"), py::arg("colptr"), py::arg("sender_order"), py::arg("normalize"),
+        py::arg("filt_col_scale") = py::none(), py::arg("tiny") = 1e-30, py::arg("planar") = false);
 }

@@ -507,24 +507,36 @@ at::Tensor linear_atom_forward(const at::Tensor& x, int64_t qmax, double tiny, c
   return gemm_rescale(codes, w_t, p);
 }
 
+// Input gradient from per-row codes of g * w_scale ([limbs * M, N], planar for oneDNN,
+// interleaved for torch._int_mm: as quantize_per_row_limbs writes them for
+// use_onednn(packed, M)) and their scales [M]: codes times W_q [N, K], rescaled per row,
+// masked by the STE of the static input quantizer when x is given.
+at::Tensor linear_backward_from_codes(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& w,
+                                      const c10::optional<at::Tensor>& x, double step, int64_t qmax, int64_t limbs,
+                                      const c10::optional<at::Tensor>& packed) {
+  check_float(scale, "scale");
+  const int64_t M = scale.numel();
+  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.dim() == 2 && codes.size(0) == limbs * M &&
+              codes.size(1) == w.size(0), "codes must be int8 [limbs * M, N] for scale [M] and w [N, K]");
+  if (use_onednn(packed, M)) {  // the gradient's codes have qmax 127, whatever the input quantizer's
+    auto y = onednn_linear(codes, limbs, 1.0, 1.0 / 254.0, *packed, at::ones({w.size(1)}, scale.options()),
+                           c10::nullopt);
+    scale_rows_(y, scale, 1, x, step, qmax);
+    return y;
+  }
+  auto p = make_args(scale.data_ptr<float>(), M, 1, M, w.size(1), c10::nullopt, c10::nullopt, x, step, qmax);
+  set_limbs(p, limbs, 127);
+  return gemm_rescale(codes, w, p);
+}
+
 // Input gradient with int8 GEMM: (g * w_scale) quantized per row (one or two limbs),
 // times W_q [N, K], masked by the STE of the static input quantizer when x is given.
 // packed (optional): W_q^T packed for oneDNN.
 at::Tensor linear_backward_int8(const at::Tensor& grad, const at::Tensor& w_scale, const at::Tensor& w,
                                 const c10::optional<at::Tensor>& x, double step, int64_t qmax, double tiny,
                                 int64_t limbs, const c10::optional<at::Tensor>& packed) {
-  const bool onednn = use_onednn(packed, grad.size(0));
-  auto [codes, scale] = quantize_per_row_limbs(grad, w_scale, 127, tiny, limbs, onednn);
-  if (onednn) {  // the gradient's codes have qmax 127, whatever the input quantizer's
-    auto y = onednn_linear(codes, limbs, 1.0, 1.0 / 254.0, *packed, at::ones({w.size(1)}, grad.options()),
-                           c10::nullopt);
-    scale_rows_(y, scale, 1, x, step, qmax);
-    return y;
-  }
-  auto p = make_args(scale.data_ptr<float>(), scale.numel(), 1, grad.size(0), w.size(1), c10::nullopt,
-                     c10::nullopt, x, step, qmax);
-  set_limbs(p, limbs, 127);
-  return gemm_rescale(codes, w, p);
+  auto [codes, scale] = quantize_per_row_limbs(grad, w_scale, 127, tiny, limbs, use_onednn(packed, grad.size(0)));
+  return linear_backward_from_codes(codes, scale, w, x, step, qmax, limbs, packed);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -608,6 +620,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_static_forward", &linear_static_forward, "quantize (static step) + int8 GEMM + rescale");
   m.def("linear_atom_forward", &linear_atom_forward, "quantize (per atom) + int8 GEMM + rescale");
   m.def("linear_backward_int8", &linear_backward_int8, "input gradient through an int8 GEMM with W_q");
+  m.def("linear_backward_from_codes", &linear_backward_from_codes,
+        "input gradient from per-row int8 codes of g * w_scale (int8 GEMM with W_q)");
   m.def("quantize_per_tensor", &quantize_per_tensor, "int8 codes with a static step");
   m.def("quantize_per_atom", &quantize_per_atom, "int8 codes of [N,3,F] vectors, one invariant scale per atom");
   m.def("quantize_static_limbs", [](const at::Tensor& x, double step, int64_t qmax, bool planar) {
