@@ -1,12 +1,14 @@
 """One layer's edge-kernel backward: float filter gradient against int8 gradient codes.
 
-Times ``edge_kernel.load_edge_kernel().backward`` on a random graph of 1,344 receivers with
-14 edges each (one block of 18,816 edges, F = 128, 8 heads), writing the ``[E, 4F]`` filter
+Times ``edge_kernel.load_edge_kernel().backward`` on one block of edges (F = 128, 8 heads):
+the 5 Å graph of 64 copies of rMD17 aspirin frame 0 (1,344 atoms, 18,688 edges; ``--graph
+aspirin``, the default) or a random graph of 1,344 receivers with 14 random senders each
+(``--graph random``, no locality at all), writing the ``[E, 4F]`` filter
 gradient as floats (the fp32 model, and INT8 with ``backward="float"``) or as two-limb
 int8 codes with one scale per edge (INT8 with ``backward="auto"``), and, for comparison, the
 separate per-row quantization pass that the codes replace (``quantize_per_row_limbs``).
 
-    PYTHONPATH=. python benchmarks/edge_filter_gradient.py [--threads 2] [--repeats 10]
+    PYTHONPATH=. python benchmarks/edge_filter_gradient.py [--graph aspirin|random] [--threads 2] [--repeats 10]
 
 Median ms per call; run it on an idle machine.
 """
@@ -19,7 +21,7 @@ import time
 
 import torch
 
-from qeq_ase.edge_kernel import EdgeCSR, load_edge_kernel
+from qeq_ase.edge_kernel import EdgeCSR, load_edge_kernel, receiver_order
 from qeq_ase.int8_linear import load_cpp_kernels
 from qeq_ase.quantizers import TINY
 
@@ -34,18 +36,32 @@ def median_ms(fn, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def edges(graph: str, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Receiver-sorted ``edge_index [2, E]`` and the number of nodes."""
+    if graph == "random":
+        N, degree = 1344, 14
+        sender = torch.randint(0, N, (N * degree,), generator=gen)
+        return torch.stack([sender, torch.arange(N).repeat_interleave(degree)]), N
+    from inference_speed import copies_of_aspirin  # benchmarks/ is on sys.path when run as a script
+    from qeq_ase.neighbors import molecule_edges
+
+    atoms = copies_of_aspirin(64)
+    edge_index = molecule_edges(torch.as_tensor(atoms.positions), 5.0)
+    order = receiver_order(edge_index)
+    return (edge_index if order is None else edge_index[:, order]), len(atoms)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--graph", choices=["aspirin", "random"], default="aspirin")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    N, F, H, degree = 1344, 128, 8, 14
-    E = N * degree
-    sender = torch.randint(0, N, (E,), generator=gen)
-    receiver = torch.arange(N).repeat_interleave(degree)
-    csr = EdgeCSR.from_sorted_edges(torch.stack([sender, receiver]), N)
+    edge_index, N = edges(args.graph, gen)
+    F, H, E = 128, 8, edge_index.shape[1]
+    csr = EdgeCSR.from_sorted_edges(edge_index, N)
     graph = (csr.rowptr, csr.sender, csr.receiver, csr.colptr, csr.sender_order)
     qkv, vin = torch.randn(N, 5 * F, generator=gen), torch.randn(N, 3, F, generator=gen)
     filt, envelope = torch.randn(E, 4 * F, generator=gen), torch.rand(E, generator=gen)
@@ -64,7 +80,7 @@ def main() -> None:
                                                                   planar=True),
         "separate per-row quantization of the float gradient": lambda: quantize(dfilt, col_scale, 127, TINY, 2, True),
     }
-    print(f"{E} edges, F = {F}, {args.threads} thread(s), median of {args.repeats}")
+    print(f"{args.graph} graph, {N} nodes, {E} edges, F = {F}, {args.threads} thread(s), median of {args.repeats}")
     for name, fn in rows.items():
         print(f"{name:55s} {median_ms(fn, args.repeats):8.2f} ms")
 

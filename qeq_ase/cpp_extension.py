@@ -13,6 +13,12 @@ from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 
+#: ``at::parallel_for`` (ATen/Parallel.h) is a header template: with torch's OpenMP backend it
+#: splits the work over threads only in code compiled with ``-fopenmp``, and otherwise runs the
+#: whole range on the calling thread. Linked with ``-fopenmp``, an extension uses the
+#: ``libgomp.so.1`` torch has already loaded, so ``torch.set_num_threads`` governs its threads.
+OPENMP_FLAGS = ["-fopenmp"]
+
 #: A build lock older than this is left by an interrupted build (a build takes 20-60 s).
 #: torch waits for a lock to disappear without a time limit, so such a lock would hang every
 #: later first use of the kernel without a word.
@@ -44,8 +50,10 @@ def clear_stale_lock(directory: Path, max_age_s: float = STALE_LOCK_S) -> bool:
 class LazyExtension:
     """One C++ source file built into a Python module on the first :meth:`load`."""
 
-    def __init__(self, name: str, source: Path, cflags: list[str], what: str, hint: str = ""):
+    def __init__(self, name: str, source: Path, cflags: list[str], what: str, hint: str = "",
+                 ldflags: list[str] | None = None):
         self.name, self.source, self.cflags, self.what, self.hint = name, Path(source), list(cflags), what, hint
+        self.ldflags = list(ldflags or [])
         self.module = None
         self.error: str | None = None
 
@@ -61,7 +69,7 @@ class LazyExtension:
             directory.mkdir(parents=True, exist_ok=True)
             clear_stale_lock(directory)
             self.module = load(name=self.name, sources=[str(self.source)], extra_cflags=self.cflags,
-                               build_directory=str(directory), verbose=False)
+                               extra_ldflags=self.ldflags, build_directory=str(directory), verbose=False)
         except Exception as err:  # no compiler, no ninja, missing headers, missing source, ...
             last = str(err).strip().splitlines()[-1] if str(err).strip() else ""
             self.error = (f"could not build {self.what} from {self.source} ({type(err).__name__}: {last}). "

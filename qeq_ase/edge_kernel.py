@@ -26,13 +26,16 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from .cpp_extension import CSRC, LazyExtension
+from .cpp_extension import CSRC, OPENMP_FLAGS, LazyExtension
 
 EXTENSION_NAME = "qeq_edge_attention"
-_CFLAGS = ["-O3", "-march=native", "-fopenmp-simd"]  # omp simd: vectorised reductions
+# OpenMP: the kernel's at::parallel_for loops run on torch's threads (-fopenmp also enables the
+# omp simd reductions). One layer's backward, 1,344 atoms, 2 threads: 19 ms against 33 ms
+# single-threaded (benchmarks/edge_filter_gradient.py, docs/speed.md).
+_CFLAGS = ["-O3", "-march=native", *OPENMP_FLAGS]
 BACKENDS = ("auto", "cpp", "eager")
 _EXTENSION = LazyExtension(EXTENSION_NAME, CSRC / "edge_attention.cpp", _CFLAGS,
-                           "the fused edge-attention kernel")
+                           "the fused edge-attention kernel", ldflags=OPENMP_FLAGS)
 
 
 def load_edge_kernel():

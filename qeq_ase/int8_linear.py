@@ -91,6 +91,10 @@ INPUT_MODES = ("static", "atom")
 ACTIVATION_LIMBS = (1, 2)
 EXTENSION_NAME = "qeq_int8_kernels"
 _SOURCE = CSRC / "int8_kernels.cpp"
+# No -fopenmp (cpp_extension.OPENMP_FLAGS), so its at::parallel_for loops run on one thread:
+# built with it, the quantization loops (compiled inside OpenMP's outlined regions) stopped
+# vectorising and ran several times slower per thread, slower on two threads than before on
+# one (tried 2026-11-28). They are short, memory-bound passes.
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
 _NO_PACK = torch.empty(0, dtype=torch.int8)  # "no packed weight": the GEMM is torch._int_mm
 
