@@ -30,7 +30,7 @@ from .cpp_extension import CSRC, OPENMP_FLAGS, LazyExtension
 
 EXTENSION_NAME = "qeq_edge_attention"
 # OpenMP: the kernel's at::parallel_for loops run on torch's threads (-fopenmp also enables the
-# omp simd reductions). One layer's backward, 1,344 atoms, 2 threads: 19 ms against 33 ms
+# omp simd reductions). One layer's backward, 1,344 atoms, 2 threads: 17 ms against 33 ms
 # single-threaded (benchmarks/edge_filter_gradient.py, docs/speed.md).
 _CFLAGS = ["-O3", "-march=native", *OPENMP_FLAGS]
 BACKENDS = ("auto", "cpp", "eager")
