@@ -88,9 +88,12 @@ class EdgeCSR:
 
 
 #: Edge blocks are cut so that one block's ``[E_block, 4F]`` float32 filters stay under this
-#: size: glibc mmaps (and page-faults in again on every call) allocations above 32 MB,
-#: which cost ~30% of a 1,344-atom call when the layers held whole-graph filters.
-BLOCK_BYTES = 8 << 20
+#: size, which bounds the memory of a layer's filters and their gradient for large systems.
+#: Below it the whole graph is one block: with the multi-threaded kernel one block is the
+#: fastest even with glibc's default malloc, which page-faults large tensors in anew on every
+#: call (1,344 atoms, 2 threads, fp32 / int8: 216 / 181 ms against 272 / 243 ms for the 8 MB
+#: blocks used before; ``benchmarks/edge_blocks.py``, ``docs/speed.md``).
+BLOCK_BYTES = 1 << 30
 #: ...but a block never has fewer edges than this many per node of the graph: every block
 #: writes node-sized outputs and gradients (``[N, 4F]``, ``[N, 5F]``, ``[N, 3, F]``), so
 #: blocks much smaller than the graph cost O(N) each (at 10,000 atoms 4,096-edge blocks made
