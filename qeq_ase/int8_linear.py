@@ -406,11 +406,17 @@ class _Int8LinearBase(nn.Module):
     def set_gemm(self, gemm: str) -> None:
         """The int8 GEMM: ``"int_mm"``, ``"onednn"`` or ``"auto"`` (see :data:`GEMMS`)."""
         self.gemm = resolve_gemm(gemm)
+        self.refresh()  # a new packed-weight cache for the new GEMM
 
     def _packed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.gemm != "onednn" or self.weight_int8.device.type != "cpu":
-            return _NO_PACK, _NO_PACK
-        return self._packed.get(self.weight_int8, self.weight_int8_t)
+        # Called several times per forward pass, so the answer is cached in a plain attribute
+        # (buffer lookups through nn.Module.__getattr__ cost ~1 us each; see refresh()).
+        packed = self._packed.tensors
+        if packed is None:
+            onednn = self.gemm == "onednn" and self.weight_int8.device.type == "cpu"
+            packed = self._packed.get(self.weight_int8, self.weight_int8_t) if onednn else (_NO_PACK, _NO_PACK)
+            self._packed.tensors = packed
+        return packed
 
     def set_activation_limbs(self, limbs: int) -> None:
         """1: int8 input codes (W8A8); 2: two int8 limbs per input, a 2 qmax times finer grid."""
