@@ -42,7 +42,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     calcs = {"fp32": QEqCalculator("aspirin_fp32"), "int8": QEqCalculator("aspirin_int8", activation_limbs=2)}
     rng = np.random.default_rng(0)
-    row_bytes = 4 * calcs["fp32"].model.config.num_features * 4
+    config = calcs["fp32"].model.config
+    row_bytes = 4 * config.num_features * 4
     print(f"{args.threads} thread(s), malloc {'default' if args.default_malloc else 'keeps large allocations'}, "
           f"floor {edge_kernel.MIN_BLOCK_EDGES_PER_NODE} edges per node")
     print("| atoms | block MB | blocks per layer | fp32 (ms) | int8 (ms) | int8 speed-up |")
@@ -60,14 +61,14 @@ def main() -> None:
                     one_call(calc, atoms, rng, False)
                     times[name].append(time.perf_counter() - t0)
             fp32, int8 = (1e3 * statistics.median(times[name]) for name in ("fp32", "int8"))
-            print(f"| {len(atoms)} | {block_mb:g} | {blocks_per_layer(atoms, row_bytes)} | {fp32:.1f} | {int8:.1f} | "
+            print(f"| {len(atoms)} | {block_mb:g} | {blocks_per_layer(atoms, config.cutoff, row_bytes)} | {fp32:.1f} | {int8:.1f} | "
                   f"{fp32 / int8:.2f}x |")
 
 
-def blocks_per_layer(atoms, row_bytes: int) -> int:
+def blocks_per_layer(atoms, cutoff: float, row_bytes: int) -> int:
     from qeq_ase.neighbors import molecule_edges
 
-    edge_index = molecule_edges(torch.as_tensor(atoms.positions), 5.0)
+    edge_index = molecule_edges(torch.as_tensor(atoms.positions), cutoff)
     order = edge_kernel.receiver_order(edge_index)
     edge_index = edge_index if order is None else edge_index[:, order]
     return len(edge_kernel.edge_blocks(edge_index, len(atoms), row_bytes))

@@ -136,26 +136,38 @@ def receiver_order(edge_index: torch.Tensor) -> torch.Tensor | None:
     return torch.argsort(receiver, stable=True)
 
 
+def _forward(ctx, qkv, vin, filt, envelope, unit, scale, csr: EdgeCSR, normalize: bool, *extra):
+    """Run the kernel and save what its backward needs (plus ``extra`` tensors, saved last)."""
+    graph = (csr.rowptr, csr.sender, csr.receiver, csr.colptr, csr.sender_order)
+    agg_s, agg_v, *saved = load_edge_kernel().forward(qkv, vin, filt, envelope, unit, scale, *graph, normalize)
+    ctx.save_for_backward(qkv, vin, filt, envelope, unit, scale, *saved, *graph, *extra)
+    ctx.normalize = normalize
+    return agg_s, agg_v
+
+
+def _backward(ctx, grad_s, grad_v, n_extra: int = 0, **codes):
+    """The kernel's backward from what :func:`_forward` saved: its eight outputs and the extra tensors."""
+    saved = ctx.saved_tensors
+    kernel_inputs, extra = saved[:len(saved) - n_extra], saved[len(saved) - n_extra:]
+    qkv, vin = kernel_inputs[:2]
+    if grad_s is None:
+        grad_s = torch.zeros(qkv.shape[0], qkv.shape[1] // 5, dtype=qkv.dtype)
+    if grad_v is None:
+        grad_v = torch.zeros_like(vin)
+    grads = load_edge_kernel().backward(grad_s.contiguous(), grad_v.contiguous(), *kernel_inputs, ctx.normalize,
+                                        **codes)
+    return grads, extra
+
+
 class _EdgeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, vin, filt, envelope, unit, scale, csr: EdgeCSR, normalize: bool):
-        graph = (csr.rowptr, csr.sender, csr.receiver, csr.colptr, csr.sender_order)
-        agg_s, agg_v, *saved = load_edge_kernel().forward(qkv, vin, filt, envelope, unit, scale, *graph, normalize)
-        ctx.save_for_backward(qkv, vin, filt, envelope, unit, scale, *saved, *graph)
-        ctx.normalize = normalize
-        return agg_s, agg_v
+        return _forward(ctx, qkv, vin, filt, envelope, unit, scale, csr, normalize)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_s, grad_v):
-        qkv, vin, filt, envelope, unit, scale, u, cos, knorm, *graph = ctx.saved_tensors
-        if grad_s is None:
-            grad_s = torch.zeros(qkv.shape[0], qkv.shape[1] // 5, dtype=qkv.dtype)
-        if grad_v is None:
-            grad_v = torch.zeros_like(vin)
-        grads = load_edge_kernel().backward(grad_s.contiguous(), grad_v.contiguous(), qkv, vin, filt, envelope,
-                                            unit, scale, u, cos, knorm, *graph, ctx.normalize)
-        dqkv, dvin, dfilt, denv, dunit, dscale, _, _ = grads
+        (dqkv, dvin, dfilt, denv, dunit, dscale, _, _), _ = _backward(ctx, grad_s, grad_v)
         return dqkv, dvin, dfilt, denv, dunit, dscale, None, None
 
 
@@ -170,26 +182,18 @@ class _Int8FilterEdgeAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, vin, edge_features, envelope, unit, scale, csr: EdgeCSR, normalize: bool, layer):
         filt, clipped = layer.forward_no_grad(edge_features)
-        graph = (csr.rowptr, csr.sender, csr.receiver, csr.colptr, csr.sender_order)
-        agg_s, agg_v, *saved = load_edge_kernel().forward(qkv, vin, filt, envelope, unit, scale, *graph, normalize)
-        ctx.save_for_backward(qkv, vin, filt, envelope, unit, scale, *saved, *graph,
-                              edge_features if clipped else None)  # the input only for LSQ's STE mask
-        ctx.normalize, ctx.layer = normalize, layer
-        return agg_s, agg_v
+        ctx.layer = layer
+        # the layer's input is kept only for LSQ's STE mask, when some input was clipped
+        return _forward(ctx, qkv, vin, filt, envelope, unit, scale, csr, normalize,
+                        edge_features if clipped else None)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_s, grad_v):
-        qkv, vin, filt, envelope, unit, scale, u, cos, knorm, *graph, clipped_input = ctx.saved_tensors
-        if grad_s is None:
-            grad_s = torch.zeros(qkv.shape[0], qkv.shape[1] // 5, dtype=qkv.dtype)
-        if grad_v is None:
-            grad_v = torch.zeros_like(vin)
         layer = ctx.layer
-        grads = load_edge_kernel().backward(grad_s.contiguous(), grad_v.contiguous(), qkv, vin, filt, envelope,
-                                            unit, scale, u, cos, knorm, *graph, ctx.normalize,
-                                            layer.weight_scale, layer.gradient_tiny,
-                                            layer.planar_gradient_codes(filt.shape[0]))
+        n_edges = ctx.saved_tensors[2].shape[0]
+        grads, (clipped_input,) = _backward(ctx, grad_s, grad_v, n_extra=1, filt_col_scale=layer.weight_scale,
+                                            tiny=layer.gradient_tiny, planar=layer.planar_gradient_codes(n_edges))
         dqkv, dvin, _, denv, dunit, dscale, codes, code_scale = grads
         dfeatures = layer.input_grad_from_codes(codes, code_scale, clipped_input) if ctx.needs_input_grad[2] else None
         return dqkv, dvin, dfeatures, denv, dunit, dscale, None, None, None
