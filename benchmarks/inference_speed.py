@@ -1,14 +1,15 @@
 """Energy + forces through the ASE calculator: fp32, bf16 autocast and INT8 of one model.
 
-INT8 runs five times: with two-limb inputs (``activation_limbs=2``, the shipped setting,
+INT8 runs six times: with two-limb inputs (``activation_limbs=2``, the shipped setting,
 smooth energy; its backward is ``"auto"``: int8 input-gradient GEMMs in the edge filters,
 whose gradient the fused edge kernel writes as int8 codes, fp32 GEMMs with the dequantized
 weight elsewhere), as W8A8 (``activation_limbs=1``, one int8 code per input), with every
 input-gradient GEMM in int8 ("int8-bwd", ``set_backward_kernel(model, "int8")``), with every
 one in fp32 ("int8 float-bwd", ``set_backward_kernel(model, "float")``, the shipped setting
 before 2026-11-28), and as the shipped setting with ``torch._int_mm`` as its GEMM ("int8
-_int_mm", ``set_int8_gemm(model, "int_mm")``; the others use the default, oneDNN's int8
-linear on AMX CPUs).
+_int_mm", ``set_int8_gemm(model, "int_mm")``) or oneDNN's int8 linear ("int8 qlinear",
+``"onednn"``, the default on AMX CPUs before 2026-11-28); the others use the default GEMM,
+oneDNN's brgemm micro-kernel on AMX CPUs (``qeq_ase.int8_linear``).
 
     PYTHONPATH=. python benchmarks/inference_speed.py [--fp32 aspirin_fp32] [--int8 aspirin_int8]
         [--threads 1 2] [--systems 1 64 476] [--seconds 3] [--op-table K]
@@ -96,9 +97,9 @@ def backward_kernel(calc: QEqCalculator, kind: str) -> QEqCalculator:
     return calc
 
 
-def int_mm(calc: QEqCalculator) -> QEqCalculator:
-    """The calculator with ``torch._int_mm`` as the GEMM of every int8 layer."""
-    set_int8_gemm(calc.model, "int_mm")
+def int8_gemm(calc: QEqCalculator, gemm: str) -> QEqCalculator:
+    """The calculator with ``gemm`` (``"int_mm"``, ``"onednn"``, ``"brgemm"``) in every int8 layer."""
+    set_int8_gemm(calc.model, gemm)
     return calc
 
 
@@ -156,9 +157,10 @@ def main() -> None:
              "int8 int8-bwd": (backward_kernel(QEqCalculator(args.int8, activation_limbs=2), "int8"), False, "auto"),
              "int8 float-bwd": (backward_kernel(QEqCalculator(args.int8, activation_limbs=2), "float"), False,
                                 "auto"),
-             "int8 _int_mm": (int_mm(QEqCalculator(args.int8, activation_limbs=2)), False, "auto"),
+             "int8 _int_mm": (int8_gemm(QEqCalculator(args.int8, activation_limbs=2), "int_mm"), False, "auto"),
+             "int8 qlinear": (int8_gemm(QEqCalculator(args.int8, activation_limbs=2), "onednn"), False, "auto"),
              "fp32 eager edges": (QEqCalculator(args.fp32), False, "eager")}
-    others = ["bf16", "int8", "int8 W8A8", "int8 int8-bwd", "int8 float-bwd", "int8 _int_mm"]
+    others = ["bf16", "int8", "int8 W8A8", "int8 int8-bwd", "int8 float-bwd", "int8 _int_mm", "int8 qlinear"]
     gemm = next(m.gemm for m in calcs["int8"][0].model.modules() if isinstance(m, _Int8LinearBase))
     print(f"CPU {cpu_name()}, torch {torch.__version__}, glibc malloc "
           f"{'keeps large allocations' if tuned else 'default'}, int8 GEMM (default): {gemm}")

@@ -11,15 +11,20 @@ pass is::
 
 The int8 GEMM (``gemm``, :data:`GEMMS`) is ``torch._int_mm`` (oneDNN's VNNI kernel,
 every x86 CPU), with the GEMM and the rescale run on blocks of rows whose int32 result
-stays in cache, or oneDNN's int8 linear ``onednn::qlinear_pointwise`` on a weight packed
-once by ``onednn::qlinear_prepack``, which uses AMX-INT8 tiles. ``gemm="auto"`` picks
-oneDNN where the CPU has AMX-INT8 (:func:`cpu_has_amx_int8`) and ``_int_mm`` elsewhere
-(the environment variable ``QEQ_INT8_GEMM`` overrides that choice): without AMX, oneDNN's
-int8 linear falls back to a reference kernel ~1000x slower (``shared/notes/int8-on-cpu.md``).
-With oneDNN the scales and the bias are applied in the GEMM's epilogue and the lo limb's
-product is added by its "sum" post-op, so no int32 accumulator is stored (the two GEMMs
-agree to float32 rounding, ~1e-7). Inputs of fewer than ``ONEDNN_MIN_ROWS`` (128) rows
-and weights narrower than ``ONEDNN_MIN_WIDTH`` (32) use ``_int_mm``.
+stays in cache; oneDNN's int8 linear ``onednn::qlinear_pointwise`` on a weight packed
+once by ``onednn::qlinear_prepack`` (AMX-INT8 tiles), whose epilogue applies the scales and
+the bias and whose "sum" post-op adds the lo limb's product; or (``"brgemm"``) oneDNN's
+batch-reduce GEMM micro-kernel (``at::native::cpublas::brgemm``, AMX-INT8 tiles) called from
+the C++ kernels on tiles of 16 rows, each tile's int32 result rescaled while it is in L1
+and the output written once (non-temporal stores for outputs of 8 MB and more).
+``gemm="auto"`` picks brgemm where the CPU has AMX-INT8 (:func:`cpu_has_amx_int8`) and
+``_int_mm`` elsewhere (the environment variable ``QEQ_INT8_GEMM`` overrides that choice):
+without AMX, oneDNN's int8 linear falls back to a reference kernel ~1000x slower
+(``shared/notes/int8-on-cpu.md``). brgemm and ``_int_mm`` give bit-identical outputs (the
+same integer products, the same rescale); oneDNN's int8 linear agrees with them to float32
+rounding (~1e-7). With oneDNN's int8 linear, inputs of fewer than ``ONEDNN_MIN_ROWS`` (128)
+rows and weights narrower than ``ONEDNN_MIN_WIDTH`` (32) use ``_int_mm``; with brgemm,
+products narrower than ``BRGEMM_MIN_WIDTH`` (16) or not a multiple of 4 wide.
 
 With ``activation_limbs = 2`` (:meth:`_Int8LinearBase.set_activation_limbs`, the shipped
 setting) each input ``y = x / s_x`` is carried as two int8 codes, ``hi = round(y)`` and
@@ -75,13 +80,13 @@ import torch
 from e3nn import o3
 from torch import nn
 
-from .cpp_extension import CSRC, LazyExtension
+from .cpp_extension import CSRC, OPENMP_FLAGS, LazyExtension
 from .quantizers import (TINY, LSQQuantizer, MDDQQuantizer, fake_quantize_limbs, fake_quantize_per_atom,
                          per_atom_scale, quantize_weight)
 
 BACKENDS = ("auto", "cpp", "eager")
 BACKWARD_KERNELS = ("auto", "float", "int8")
-GEMMS = ("auto", "int_mm", "onednn")
+GEMMS = ("auto", "int_mm", "onednn", "brgemm")
 #: The oneDNN GEMM runs only for inputs of at least this many rows and for weights whose
 #: two dimensions are at least ONEDNN_MIN_WIDTH (narrower ones hit oneDNN's reference
 #: kernel); ``kOnednnMinRows``/``kOnednnMinWidth`` in the C++ file.
@@ -91,11 +96,10 @@ INPUT_MODES = ("static", "atom")
 ACTIVATION_LIMBS = (1, 2)
 EXTENSION_NAME = "qeq_int8_kernels"
 _SOURCE = CSRC / "int8_kernels.cpp"
-# No -fopenmp (cpp_extension.OPENMP_FLAGS), so its at::parallel_for loops run on one thread:
-# built with it, the quantization loops (compiled inside OpenMP's outlined regions) stopped
-# vectorising and ran several times slower per thread, slower on two threads than before on
-# one (tried 2026-11-28). They are short, memory-bound passes.
-_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+# Built with -fopenmp (cpp_extension.OPENMP_FLAGS) so that its at::parallel_for loops use every
+# thread; the inner loops carry "#pragma omp simd", without which they stopped vectorising inside
+# OpenMP's outlined regions (tried without it 2026-11-28: slower on two threads than on one).
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", *OPENMP_FLAGS]
 _NO_PACK = torch.empty(0, dtype=torch.int8)  # "no packed weight": the GEMM is torch._int_mm
 
 
@@ -220,7 +224,7 @@ class EagerKernels:
 
 
 _EXTENSION = LazyExtension(EXTENSION_NAME, _SOURCE, _CFLAGS, "the qeq_ase int8 C++ kernels",
-                           "; or use backend='eager' (slower)")
+                           "; or use backend='eager' (slower)", ldflags=OPENMP_FLAGS)
 
 
 def load_cpp_kernels():
@@ -259,7 +263,7 @@ def cpu_has_amx_int8() -> bool:
 
 
 def resolve_gemm(gemm: str) -> str:
-    """``"int_mm"`` or ``"onednn"`` for a requested ``gemm`` (``"auto"``: oneDNN on AMX CPUs;
+    """``"int_mm"``, ``"onednn"`` or ``"brgemm"`` for a requested ``gemm`` (``"auto"``: brgemm on AMX CPUs;
     the environment variable ``QEQ_INT8_GEMM`` overrides ``"auto"``)."""
     if gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {GEMMS}, not {gemm!r}")
@@ -268,28 +272,46 @@ def resolve_gemm(gemm: str) -> str:
         if gemm not in GEMMS:
             raise ValueError(f"QEQ_INT8_GEMM must be one of {GEMMS}, not {gemm!r}")
     if gemm == "auto":
-        gemm = "onednn" if cpu_has_amx_int8() and hasattr(torch.ops.onednn, "qlinear_prepack") else "int_mm"
+        gemm = "brgemm" if cpu_has_amx_int8() else "int_mm"
     return gemm
 
 
 class _PackedWeights:
-    """oneDNN's packed copies of a layer's codes (forward ``W_q [N, K]`` and backward
-    ``W_q^T``), made on first use. Opaque oneDNN tensors cannot be copied or pickled, so a
-    copy of the layer starts without them (``_Int8LinearBase.__getstate__``)."""
+    """Packed copies of a layer's codes for the forward (``W_q [N, K]``) and the backward
+    (``W_q^T``) GEMM, made on first use: oneDNN's opaque tensors (``gemm="onednn"``) or the
+    VNNI layout of the brgemm micro-kernel (``gemm="brgemm"``; ``_NO_PACK``, i.e. ``_int_mm``,
+    for a product whose reduction or output width is not a multiple of 4 or below
+    ``BRGEMM_MIN_WIDTH``). Opaque oneDNN tensors cannot be copied or pickled, so a copy of
+    the layer starts without them (``_Int8LinearBase.__getstate__``)."""
 
     def __init__(self):
         self.tensors: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def get(self, weight_int8: torch.Tensor, weight_int8_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, gemm: str, weight_int8: torch.Tensor, weight_int8_t: torch.Tensor,
+            ops=None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tensors is None:
-            prepack = torch.ops.onednn.qlinear_prepack
-            self.tensors = (prepack(weight_int8, [1, weight_int8.shape[1]]),
-                            prepack(weight_int8_t, [1, weight_int8_t.shape[1]]))
+            if gemm == "onednn":
+                prepack = torch.ops.onednn.qlinear_prepack
+                self.tensors = (prepack(weight_int8, [1, weight_int8.shape[1]]),
+                                prepack(weight_int8_t, [1, weight_int8_t.shape[1]]))
+            else:  # brgemm: B = W_q^T [K, N] forward, W_q [N, K] backward
+                self.tensors = tuple(ops.pack_vnni(b) if _brgemm_fits(b) else _NO_PACK
+                                     for b in (weight_int8_t, weight_int8))
         return self.tensors
 
 
+#: The brgemm micro-kernel runs products whose reduction and output widths are multiples of 4
+#: and at least this wide; narrower ones (the readout's 64 -> 1) run ``torch._int_mm``.
+BRGEMM_MIN_WIDTH = 16
+
+
+def _brgemm_fits(b: torch.Tensor) -> bool:
+    """Whether the product with B ``[K, N]`` runs in the brgemm micro-kernel."""
+    return all(d % 4 == 0 and d >= BRGEMM_MIN_WIDTH for d in b.shape)
+
+
 def _use_onednn(packed: torch.Tensor | None, rows: int) -> bool:
-    return (packed is not None and packed.numel() > 0 and rows >= ONEDNN_MIN_ROWS
+    return (packed is not None and packed.is_mkldnn and rows >= ONEDNN_MIN_ROWS
             and min(packed.shape) >= ONEDNN_MIN_WIDTH)
 
 
@@ -413,8 +435,12 @@ class _Int8LinearBase(nn.Module):
         # (buffer lookups through nn.Module.__getattr__ cost ~1 us each; see refresh()).
         packed = self._packed.tensors
         if packed is None:
-            onednn = self.gemm == "onednn" and self.weight_int8.device.type == "cpu"
-            packed = self._packed.get(self.weight_int8, self.weight_int8_t) if onednn else (_NO_PACK, _NO_PACK)
+            ops = self._ops()
+            packs = self.gemm in ("onednn", "brgemm") and self.weight_int8.device.type == "cpu"
+            if self.gemm == "brgemm" and not hasattr(ops, "pack_vnni"):
+                packs = False  # the eager twin runs torch._int_mm: the same integers, the same rescale
+            packed = (self._packed.get(self.gemm, self.weight_int8, self.weight_int8_t, ops) if packs
+                      else (_NO_PACK, _NO_PACK))
             self._packed.tensors = packed
         return packed
 
@@ -449,10 +475,13 @@ class _Int8LinearBase(nn.Module):
         if self.takes_gradient_codes and self.backward_kernel == "auto":
             backward += ("; the int8 GEMM on two-limb int8 gradient codes where a fused kernel hands them over "
                          "(edge filters)")
-        gemm = (f"oneDNN qlinear_pointwise (int8 x int8, AMX-INT8 where present; torch._int_mm below "
-                f"{ONEDNN_MIN_ROWS} rows or {ONEDNN_MIN_WIDTH} channels)" if self.gemm == "onednn"
-                else "torch._int_mm (int8 x int8 -> int32)")
-        if self.backward_kernel == "int8" and self.gemm == "onednn":
+        gemm = "torch._int_mm (int8 x int8 -> int32)"
+        if self.gemm == "onednn":
+            gemm = (f"oneDNN qlinear_pointwise (int8 x int8, AMX-INT8 where present; torch._int_mm below "
+                    f"{ONEDNN_MIN_ROWS} rows or {ONEDNN_MIN_WIDTH} channels)")
+        elif self.gemm == "brgemm" and self._packed_weights()[0].numel():
+            gemm = "oneDNN brgemm micro-kernel (int8 x int8, AMX-INT8, tiles of 16 rows, rescale fused)"
+        if self.backward_kernel == "int8" and self.gemm in ("onednn", "brgemm"):
             backward = backward.replace("torch._int_mm", "the same int8 GEMM")
         return f"{gemm} + {self._ops().name} quantize/rescale; backward: {backward}"
 

@@ -144,10 +144,12 @@ def set_backward_kernel(model: nn.Module, backward: str) -> nn.Module:
 def set_int8_gemm(model: nn.Module, gemm: str) -> nn.Module:
     """Choose the int8 GEMM of every int8 layer of ``model``; returns ``model``.
 
-    ``"onednn"``: oneDNN's int8 linear (``qlinear_pointwise``, AMX-INT8 tiles);
-    ``"int_mm"``: ``torch._int_mm`` (VNNI); ``"auto"`` (the default of every layer): oneDNN
-    where the CPU has AMX-INT8, else ``_int_mm``. Both give bit-identical results
-    (tested); only the speed differs (``docs/speed.md``).
+    ``"brgemm"``: oneDNN's brgemm micro-kernel on tiles of 16 rows (AMX-INT8 tiles), the
+    rescale fused; ``"onednn"``: oneDNN's int8 linear (``qlinear_pointwise``, AMX-INT8);
+    ``"int_mm"``: ``torch._int_mm`` (VNNI); ``"auto"`` (the default of every layer): brgemm
+    where the CPU has AMX-INT8, else ``_int_mm``. brgemm and ``_int_mm`` give bit-identical
+    results, oneDNN's int8 linear agrees with them to float32 rounding (tested); only the
+    speed differs (``docs/speed.md``).
     """
     if not is_int8_model(model):
         raise ValueError("the int8 GEMM applies to int8 models only")
@@ -158,7 +160,7 @@ def set_int8_gemm(model: nn.Module, gemm: str) -> nn.Module:
 
 
 def int8_gemm(model: nn.Module) -> str:
-    """The int8 GEMM the int8 layers of ``model`` run (``"int_mm"`` or ``"onednn"``)."""
+    """The int8 GEMM the int8 layers of ``model`` run (``"int_mm"``, ``"onednn"`` or ``"brgemm"``)."""
     kinds = {m.gemm for m in model.modules() if isinstance(m, _Int8LinearBase)}
     if len(kinds) != 1:
         raise ValueError(f"expected one int8 GEMM in an int8 model, found {sorted(kinds)}")

@@ -53,7 +53,7 @@ def test_scalar_int8_layer_holds_int8_and_matches_qat_and_reference(backend):
     qat = qat_scalar()
     layer = Int8ScalarLinear.from_qat(qat, backend=backend)
     assert layer.weight_int8.dtype == torch.int8 and layer.weight_int8_t.dtype == torch.int8
-    assert "_int_mm" in layer.kernel and ("C++" in layer.kernel) == (backend == "cpp")
+    assert ("_int_mm" in layer.kernel or "brgemm" in layer.kernel) and ("C++" in layer.kernel) == (backend == "cpp")
     assert layer.irreps_in == qat.irreps_in and layer.irreps_out == qat.irreps_out
     torch.manual_seed(1)
     for shape in [(1, 32), (21, 32), (400, 32), (2, 7, 32)]:
@@ -352,6 +352,78 @@ def test_onednn_and_int_mm_gemms_agree(limbs, backend):
     assert not any("qlinear_pointwise" in e.name for e in prof.events())
     with pytest.raises(ValueError, match="gemm must be one of"):
         a.set_gemm("amx")
+
+
+needs_amx = pytest.mark.skipif(not int8_linear.cpu_has_amx_int8(), reason="the brgemm GEMM needs AMX-INT8")
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@needs_amx
+@pytest.mark.parametrize("limbs", [1, 2])
+def test_brgemm_and_int_mm_gemms_agree_bitwise(limbs, two_threads):
+    """The brgemm tiles (16 rows each, rescale fused, non-temporal stores from 8 MB of output
+    on) give bit for bit the outputs and gradients of torch._int_mm + rescale: the same integer
+    products, the same rescale. Row counts below, at and beyond one tile and beyond the
+    streaming threshold; clipped inputs (STE mask); the int8 and the code-fed backward."""
+    torch.manual_seed(13)
+    for make, shapes in ((lambda: Int8ScalarLinear.from_qat(qat_scalar(N=40, clip=True), backward="int8"),
+                          [(1, 32), (16, 32), (37, 32), (60000, 32)]),
+                         (lambda: Int8VectorLinear.from_qat(qat_vector(N=40), backward="int8"),
+                          [(1, 3, 32), (37, 3, 32)])):
+        a, b = make(), make()
+        a.set_gemm("int_mm")
+        b.set_gemm("brgemm")
+        for layer in (a, b):
+            layer.set_activation_limbs(limbs)
+        assert "brgemm" in b.kernel and "brgemm" not in a.kernel
+        for shape in shapes:
+            x = torch.randn(*shape) * 1.5
+            xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            with torch.profiler.profile() as prof:
+                yb = b(xb)
+            assert any("qeq_int8_brgemm" in e.name for e in prof.events())
+            ya = a(xa)
+            assert torch.equal(ya, yb)
+            g = torch.randn(*ya.shape)
+            ya.backward(g)
+            yb.backward(g)
+            assert torch.equal(xa.grad, xb.grad)
+    # the gradient codes of a fused producer (interleaved limbs for brgemm)
+    layer = Int8ScalarLinear.from_qat(qat_scalar(N=40, clip=True))
+    layer.set_activation_limbs(2)
+    layer.set_gemm("brgemm")
+    assert not layer.planar_gradient_codes(1000)
+    g, x = torch.randn(1000, 40), torch.randn(1000, 32) * 1.5
+    codes, scale = layer._ops().quantize_per_row_limbs(g, layer.weight_scale, 127, layer.gradient_tiny, 2)
+    ref = EagerKernels.linear_backward_from_codes(codes, scale, layer.weight_int8, x, layer.input_step_value, 127, 2)
+    assert torch.equal(layer.input_grad_from_codes(codes, scale, x), ref)
+
+
+def test_multithreaded_quantizers_and_rescale_agree_bitwise_with_eager(two_threads):
+    """The C++ passes split rows over threads (built with -fopenmp): on inputs of many chunks
+    their codes, scales and outputs are still those of the eager definitions."""
+    cpp = int8_linear.load_cpp_kernels()
+    torch.manual_seed(14)
+    x, v, cs = torch.randn(3000, 96) * 0.7, torch.randn(900, 3, 96), torch.rand(96)
+    assert torch.equal(cpp.quantize_per_tensor(x, 0.01, 127), EagerKernels.quantize_per_tensor(x, 0.01, 127))
+    assert torch.equal(cpp.quantize_static_limbs(x, 0.01, 127), EagerKernels.quantize_static_limbs(x, 0.01, 127))
+    for limbs in (1, 2):
+        for a, b in zip(cpp.quantize_per_atom_limbs(v, 127, 1e-30, limbs),
+                        EagerKernels.quantize_per_atom_limbs(v, 127, 1e-30, limbs)):
+            assert torch.equal(a, b)
+        for a, b in zip(cpp.quantize_per_row_limbs(x, cs, 127, 1e-30, limbs),
+                        EagerKernels.quantize_per_row_limbs(x, cs, 127, 1e-30, limbs)):
+            assert torch.equal(a, b)
+    acc, rs, bias = torch.randint(-50000, 50000, (6000, 96), dtype=torch.int32), torch.rand(1), torch.randn(96)
+    assert torch.equal(cpp.rescale(acc, rs, 1, cs, bias, x, 0.01, 127, 2),
+                       EagerKernels.rescale(acc, rs, 1, cs, bias, x, 0.01, 127, 2))
 
 
 def test_planar_two_limb_codes_hold_the_interleaved_rows():

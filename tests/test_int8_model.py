@@ -29,7 +29,7 @@ from qeq_ase.checkpoint import (PotentialFileError, load_potential_file, pack_st
                                 save_potential)
 from qeq_ase.equivariance import check_equivariance
 from qeq_ase.graph import molecules_to_graph
-from qeq_ase.int8_linear import Int8ScalarLinear, Int8VectorLinear, resolve_gemm
+from qeq_ase.int8_linear import Int8ScalarLinear, Int8VectorLinear, _brgemm_fits, resolve_gemm
 from qeq_ase.int8_model import (build_int8_model, convert_to_int8, int8_kernel_report, int8_model_skeleton,
                                 int8_state_dict, set_activation_limbs, set_backward_kernel, state_dict_nbytes)
 from qeq_ase.layers import FeatureObserver
@@ -86,8 +86,9 @@ def int8_file(tmp_path_factory):
 
 
 def is_int8_gemm(event_name: str) -> bool:
-    """Whether a profiler event is an int8 GEMM (``torch._int_mm`` or oneDNN's int8 linear)."""
-    return "_int_mm" in event_name or "qlinear_pointwise" in event_name
+    """Whether a profiler event is an int8 GEMM (``torch._int_mm``, oneDNN's int8 linear or
+    the brgemm tiles of the C++ kernels)."""
+    return "_int_mm" in event_name or "qlinear_pointwise" in event_name or "qeq_int8_brgemm" in event_name
 
 
 def test_every_scalar_and_vector_linear_runs_an_int8_gemm(models):
@@ -102,8 +103,13 @@ def test_every_scalar_and_vector_linear_runs_an_int8_gemm(models):
     assert report["layers"]["neighbor_embedding.radial"]["shape"] == "8 -> 16"
     assert report["layers"]["neighbor_embedding.combine"]["kind"].startswith("int8")
     int8_rows = [row for row in report["layers"].values() if row["kind"].startswith("int8")]
-    gemm = "oneDNN qlinear_pointwise" if resolve_gemm("auto") == "onednn" else "torch._int_mm"
-    assert len(int8_rows) == n_int8 and all(row["kernel"].startswith(gemm) for row in int8_rows)
+    gemm = {"onednn": "oneDNN qlinear_pointwise", "brgemm": "oneDNN brgemm"}.get(resolve_gemm("auto"), "torch._int_mm")
+    assert len(int8_rows) == n_int8
+    for name, row in report["layers"].items():
+        if row["kind"].startswith("int8"):  # brgemm: products too narrow for it run _int_mm
+            layer = model.get_submodule(name)
+            narrow = gemm == "oneDNN brgemm" and not _brgemm_fits(layer.weight_int8_t)
+            assert row["kernel"].startswith("torch._int_mm" if narrow else gemm), (name, row["kernel"])
     vector_mode = "atom" if scheme == "full" else "static"
     assert report["layers"]["layers.1.vector_mix"]["kind"] == f"int8 Int8VectorLinear, {vector_mode} inputs"
     # linked scalar observers became identities; vector_in stays a float fake quantizer

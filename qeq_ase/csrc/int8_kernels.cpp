@@ -21,6 +21,8 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <ATen/record_function.h>
 
 #include <algorithm>
 #include <atomic>
@@ -28,6 +30,10 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -44,6 +50,7 @@ inline float round_half_even(float y) {
 // without -ffast-math. (NaN inputs give a NaN-like pattern; inputs are finite.)
 inline float abs_max(const float* __restrict x, int64_t n) {
   uint32_t m = 0;
+#pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) {
     uint32_t b;
     std::memcpy(&b, x + i, sizeof b);
@@ -67,10 +74,45 @@ constexpr int64_t kGrain = 16384;  // elements per parallel chunk
 // quantizer: a clipped input gets no gradient).
 inline void ste_mask_span(float* __restrict o, const float* __restrict x, int64_t n, float step, float lo,
                           float hi) {
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float y = x[i] / step;
     o[i] = (y >= lo && y <= hi) ? o[i] : 0.0f;
   }
+}
+
+// The loops over one row's values are functions of their own, with restrict pointers and
+// "omp simd": written inline in at::parallel_for's lambda, which -fopenmp outlines, they
+// vectorised into gathers and ran ~2.5x slower than on one thread without OpenMP.
+
+// out[k] = round(clamp(x[k] / s, -q, q)); returns nonzero if some x[k] / s was clipped.
+inline int32_t quantize_span(const float* __restrict x, int64_t n, float s, float q, int8_t* __restrict out) {
+  int32_t clipped = 0;
+#pragma omp simd reduction(| : clipped)
+  for (int64_t k = 0; k < n; ++k) {
+    const float y0 = x[k] / s;
+    clipped |= static_cast<int32_t>(y0 < -q) | static_cast<int32_t>(y0 > q);
+    const float y = std::min(std::max(y0, -q), q);
+    out[k] = static_cast<int8_t>(static_cast<int32_t>(round_half_even(y)));
+  }
+  return clipped;
+}
+
+// Two limbs of y = clamp(x[k] / s, -q, q): hi = round(y), lo = round((y - hi) * 2q); returns nonzero if some x[k] / s was clipped.
+inline int32_t quantize_span_limbs(const float* __restrict x, int64_t n, float s, float q, int8_t* __restrict hi,
+                                   int8_t* __restrict lo) {
+  int32_t clipped = 0;
+  const float L = 2.0f * q;
+#pragma omp simd reduction(| : clipped)
+  for (int64_t k = 0; k < n; ++k) {
+    const float y = x[k] / s;
+    clipped |= static_cast<int32_t>(y < -q) | static_cast<int32_t>(y > q);
+    const float yc = std::min(std::max(y, -q), q);
+    const float h = round_half_even(yc);
+    hi[k] = static_cast<int8_t>(static_cast<int32_t>(h));
+    lo[k] = static_cast<int8_t>(static_cast<int32_t>(round_half_even((yc - h) * L)));
+  }
+  return clipped;
 }
 
 }  // namespace
@@ -83,17 +125,10 @@ at::Tensor quantize_static(const at::Tensor& x, double step, int64_t qmax, bool*
   auto codes = at::empty(x.sizes(), x.options().dtype(at::kChar));
   const float* __restrict xp = x.data_ptr<float>();
   int8_t* __restrict qp = codes.data_ptr<int8_t>();
-  const float s = static_cast<float>(step), hi = static_cast<float>(qmax), lo = -hi;
+  const float s = static_cast<float>(step), hi = static_cast<float>(qmax);
   std::atomic<bool> any_clipped{false};
   at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
-    int32_t out = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      const float y0 = xp[i] / s;
-      out |= static_cast<int32_t>(y0 < lo) | static_cast<int32_t>(y0 > hi);
-      const float y = std::min(std::max(y0, lo), hi);
-      qp[i] = static_cast<int8_t>(static_cast<int32_t>(round_half_even(y)));
-    }
-    if (out) any_clipped.store(true, std::memory_order_relaxed);
+    if (quantize_span(xp + begin, end - begin, s, hi, qp + begin)) any_clipped.store(true, std::memory_order_relaxed);
   });
   if (clipped) *clipped = any_clipped.load();
   return codes;
@@ -101,14 +136,6 @@ at::Tensor quantize_static(const at::Tensor& x, double step, int64_t qmax, bool*
 
 at::Tensor quantize_per_tensor(const at::Tensor& x, double step, int64_t qmax) {
   return quantize_static(x, step, qmax, nullptr);
-}
-
-// Writes the two limbs of y (already divided by the step) to hi and lo.
-inline void split_limbs(float y, float lo_bound, float hi_bound, float scale, int8_t* hi, int8_t* lo) {
-  const float yc = std::min(std::max(y, lo_bound), hi_bound);
-  const float h = round_half_even(yc);
-  *hi = static_cast<int8_t>(static_cast<int32_t>(h));
-  *lo = static_cast<int8_t>(static_cast<int32_t>(round_half_even((yc - h) * scale)));
 }
 
 // Where the two limbs of input row m (of M rows of K codes) go. Interleaved (for
@@ -128,25 +155,26 @@ at::Tensor quantize_static_limbs(const at::Tensor& x, double step, int64_t qmax,
   auto codes = at::empty({2 * M, K}, x.options().dtype(at::kChar));
   const float* __restrict xp = x.data_ptr<float>();
   int8_t* __restrict qp = codes.data_ptr<int8_t>();
-  const float s = static_cast<float>(step), hi = static_cast<float>(qmax), lo = -hi, L = 2.0f * hi;
+  const float s = static_cast<float>(step), hi = static_cast<float>(qmax);
   std::atomic<bool> any_clipped{false};
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, K));
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     int32_t out = 0;
     for (int64_t m = begin; m < end; ++m) {
-      const float* __restrict xr = xp + m * K;
-      int8_t* __restrict qh = hi_row(qp, m, K, planar);
-      int8_t* __restrict ql = qh + lo_offset(M, K, planar);
-      for (int64_t k = 0; k < K; ++k) {
-        const float y = xr[k] / s;
-        out |= static_cast<int32_t>(y < lo) | static_cast<int32_t>(y > hi);
-        split_limbs(y, lo, hi, L, qh + k, ql + k);
-      }
+      int8_t* qh = hi_row(qp, m, K, planar);
+      out |= quantize_span_limbs(xp + m * K, K, s, hi, qh, qh + lo_offset(M, K, planar));
     }
     if (out) any_clipped.store(true, std::memory_order_relaxed);
   });
   if (clipped) *clipped = any_clipped.load();
   return codes;
+}
+
+// r2[f] = |(x0[f], x1[f], x2[f])|^2
+inline void squared_norms(const float* __restrict x0, const float* __restrict x1, const float* __restrict x2,
+                          int64_t F, float* __restrict r2) {
+#pragma omp simd
+  for (int64_t f = 0; f < F; ++f) r2[f] = (x0[f] * x0[f] + x1[f] * x1[f]) + x2[f] * x2[f];
 }
 
 // Rotation-invariant per-atom quantization of vectors v [N, 3, F]:
@@ -168,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_atom_limbs(const at::Tensor& v, 
   const float* vp = v.data_ptr<float>();
   int8_t* qp = codes.data_ptr<int8_t>();
   float* sp = scale.data_ptr<float>();
-  const float hi = static_cast<float>(qmax), lo = -hi, tf = static_cast<float>(tiny);
+  const float hi = static_cast<float>(qmax), tf = static_cast<float>(tiny);
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, 3 * F));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> r2(F);
@@ -176,24 +204,17 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_atom_limbs(const at::Tensor& v, 
       const float* x0 = vp + n * 3 * F;
       const float* x1 = x0 + F;
       const float* x2 = x1 + F;
-      for (int64_t f = 0; f < F; ++f) r2[f] = (x0[f] * x0[f] + x1[f] * x1[f]) + x2[f] * x2[f];
+      squared_norms(x0, x1, x2, F, r2.data());
       const float m2 = abs_max(r2.data(), F);
       // sqrt is monotone and correctly rounded: sqrt(max r^2) == max sqrt(r^2)
       const float s = std::max(std::sqrt(m2), tf) / hi;
       sp[n] = s;
       if (limbs == 1) {
-        int8_t* __restrict q = qp + n * 3 * F;
-        for (int64_t i = 0; i < 3 * F; ++i) {
-          float y = x0[i] / s;
-          y = std::min(std::max(y, lo), hi);
-          q[i] = static_cast<int8_t>(static_cast<int32_t>(round_half_even(y)));
-        }
+        quantize_span(x0, 3 * F, s, hi, qp + n * 3 * F);
       } else {
         for (int64_t c = 0; c < 3; ++c) {
-          int8_t* __restrict qh = hi_row(qp, n * 3 + c, F, planar);
-          int8_t* __restrict ql = qh + lo_offset(3 * N, F, planar);
-          const float* xc = x0 + c * F;
-          for (int64_t f = 0; f < F; ++f) split_limbs(xc[f] / s, lo, hi, 2.0f * hi, qh + f, ql + f);
+          int8_t* qh = hi_row(qp, n * 3 + c, F, planar);
+          quantize_span_limbs(x0 + c * F, F, s, hi, qh, qh + lo_offset(3 * N, F, planar));
         }
       }
     }
@@ -203,6 +224,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_atom_limbs(const at::Tensor& v, 
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_atom(const at::Tensor& v, int64_t qmax, double tiny) {
   return quantize_per_atom_limbs(v, qmax, tiny, 1);
+}
+
+// out[k] = x[k] * c[k]
+inline void multiply_span(const float* __restrict x, const float* __restrict c, int64_t n, float* __restrict out) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) out[k] = x[k] * c[k];
 }
 
 // Dynamic per-row quantization of y = x * col_scale (col_scale optional), x [M, K]:
@@ -227,31 +254,25 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_row_limbs(const at::Tensor& x,
   const float* xp = x.data_ptr<float>();
   int8_t* qp = codes.data_ptr<int8_t>();
   float* sp = scale.data_ptr<float>();
-  const float hi = static_cast<float>(qmax), lo = -hi, tf = static_cast<float>(tiny);
+  const float hi = static_cast<float>(qmax), tf = static_cast<float>(tiny);
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, K));
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> row(K);
     for (int64_t m = begin; m < end; ++m) {
-      const float* xr = xp + m * K;
-      float* __restrict rw = row.data();
+      float* rw = row.data();
       if (cs) {
-        for (int64_t k = 0; k < K; ++k) rw[k] = xr[k] * cs[k];
+        multiply_span(xp + m * K, cs, K, rw);
       } else {
-        for (int64_t k = 0; k < K; ++k) rw[k] = xr[k];
+        std::memcpy(rw, xp + m * K, K * sizeof(float));
       }
       const float amax = abs_max(rw, K);
       const float s = std::max(amax, tf) / hi;
       sp[m] = s;
-      int8_t* __restrict q = limbs == 1 ? qp + m * K : hi_row(qp, m, K, planar);
       if (limbs == 1) {
-        for (int64_t k = 0; k < K; ++k) {
-          float y = rw[k] / s;
-          y = std::min(std::max(y, lo), hi);
-          q[k] = static_cast<int8_t>(static_cast<int32_t>(round_half_even(y)));
-        }
+        quantize_span(rw, K, s, hi, qp + m * K);
       } else {
-        int8_t* __restrict ql = q + lo_offset(M, K, planar);
-        for (int64_t k = 0; k < K; ++k) split_limbs(rw[k] / s, lo, hi, 2.0f * hi, q + k, ql + k);
+        int8_t* qh = hi_row(qp, m, K, planar);
+        quantize_span_limbs(rw, K, s, hi, qh, qh + lo_offset(M, K, planar));
       }
     }
   });
@@ -284,34 +305,70 @@ struct RescaleArgs {
 
 // Rows [m0, m0 + rows) of the output; acc points at row m0 (limbs = 2: row 2 m0) of an
 // int32 [*, N] block.
+// One output row: o = (a + b * inv_lo) * (r * cs) + bias (b: the lo limb's accumulator,
+// limbs = 2 only; cs and bias optional).
+inline void rescale_row(const int32_t* __restrict a, const int32_t* __restrict b, int64_t N, float r,
+                        const float* __restrict cs, const float* __restrict bias, int64_t limbs, float inv_lo,
+                        float* __restrict o) {
+  if (cs) {
+    if (limbs == 2) {
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) o[n] = (static_cast<float>(a[n]) + static_cast<float>(b[n]) * inv_lo) * (r * cs[n]);
+    } else {
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) o[n] = static_cast<float>(a[n]) * (r * cs[n]);
+    }
+  } else if (limbs == 2) {
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) o[n] = (static_cast<float>(a[n]) + static_cast<float>(b[n]) * inv_lo) * r;
+  } else {
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) o[n] = static_cast<float>(a[n]) * r;
+  }
+  if (bias) {
+#pragma omp simd
+    for (int64_t n = 0; n < N; ++n) o[n] = o[n] + bias[n];
+  }
+}
+
+// rescale_row with non-temporal stores, for outputs far larger than the caches (the edge
+// filters' [E, 4F]): a plain store first reads each cache line it writes, which made writing
+// the output cost more than the GEMM. The same operations in the same order (no FMA), so the
+// same floats. Returns false (nothing written) where AVX-512 or an aligned row is missing.
+inline bool rescale_row_streaming(const int32_t* a, const int32_t* b, int64_t N, float r, const float* cs,
+                                  const float* bias, int64_t limbs, float inv_lo, float* o) {
+#if defined(__AVX512F__)
+  if (N % 16 != 0 || reinterpret_cast<uintptr_t>(o) % 64 != 0) return false;
+  const __m512 vr = _mm512_set1_ps(r), vlo = _mm512_set1_ps(inv_lo);
+  for (int64_t n = 0; n < N; n += 16) {
+    __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512(a + n));
+    if (limbs == 2) v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(b + n)), vlo));
+    v = _mm512_mul_ps(v, cs ? _mm512_mul_ps(vr, _mm512_loadu_ps(cs + n)) : vr);
+    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
+    _mm512_stream_ps(o + n, v);
+  }
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Output row m from its accumulator row(s) a (limbs = 2: the hi row, then the lo row);
+// streaming: non-temporal stores where possible (callers then need a store fence).
+inline void rescale_output_row(const int32_t* a, int64_t m, int64_t N, const RescaleArgs& p, float* out,
+                               bool streaming = false) {
+  const float r = p.per_tensor ? p.rs[0] : p.rs[m / p.group];
+  if (!(streaming && !p.mx && rescale_row_streaming(a, a + N, N, r, p.cs, p.bias, p.limbs, p.inv_lo, out + m * N)))
+    rescale_row(a, a + N, N, r, p.cs, p.bias, p.limbs, p.inv_lo, out + m * N);
+  if (p.mx) ste_mask_span(out + m * N, p.mx + m * N, N, p.ms, p.lo, p.hi);
+}
+
+// Rows [m0, m0 + rows) of the output; acc points at row m0 (limbs = 2: row 2 m0) of an
+// int32 [*, N] block whose rows come in (hi, lo) pairs for two limbs.
 void rescale_rows(const int32_t* acc, int64_t m0, int64_t rows, int64_t N, const RescaleArgs& p, float* out) {
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, N));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t m = m0 + i;
-      const float r = p.per_tensor ? p.rs[0] : p.rs[m / p.group];
-      float* __restrict o = out + m * N;
-      const int32_t* __restrict a = acc + p.limbs * i * N;
-      const int32_t* __restrict b = a + N;  // the lo limb's row (limbs = 2 only)
-      const float lo = p.inv_lo;
-      if (p.cs) {
-        const float* __restrict cs = p.cs;
-        if (p.limbs == 2) {
-          for (int64_t n = 0; n < N; ++n) o[n] = (static_cast<float>(a[n]) + static_cast<float>(b[n]) * lo) * (r * cs[n]);
-        } else {
-          for (int64_t n = 0; n < N; ++n) o[n] = static_cast<float>(a[n]) * (r * cs[n]);
-        }
-      } else if (p.limbs == 2) {
-        for (int64_t n = 0; n < N; ++n) o[n] = (static_cast<float>(a[n]) + static_cast<float>(b[n]) * lo) * r;
-      } else {
-        for (int64_t n = 0; n < N; ++n) o[n] = static_cast<float>(a[n]) * r;
-      }
-      if (p.bias) {
-        const float* __restrict bp = p.bias;
-        for (int64_t n = 0; n < N; ++n) o[n] = o[n] + bp[n];
-      }
-      if (p.mx) ste_mask_span(o, p.mx + m * N, N, p.ms, p.lo, p.hi);
-    }
+    for (int64_t i = begin; i < end; ++i) rescale_output_row(acc + p.limbs * i * N, m0 + i, N, p, out);
   });
 }
 
@@ -377,8 +434,8 @@ constexpr int64_t kOnednnMinRows = 128;
 constexpr int64_t kOnednnMinWidth = 32;
 
 bool use_onednn(const c10::optional<at::Tensor>& packed, int64_t rows) {
-  // packed [in, out] as oneDNN reports it
-  return packed.has_value() && packed->defined() && packed->numel() > 0 && rows >= kOnednnMinRows &&
+  // packed [in, out] as oneDNN reports it (an opaque oneDNN tensor)
+  return packed.has_value() && packed->defined() && packed->is_mkldnn() && rows >= kOnednnMinRows &&
          packed->size(0) >= kOnednnMinWidth && packed->size(1) >= kOnednnMinWidth;
 }
 
@@ -415,6 +472,12 @@ at::Tensor onednn_linear(const at::Tensor& codes, int64_t limbs, double x_scale,
   return y;
 }
 
+// In place: o[n] *= r
+inline void scale_span(float* __restrict o, int64_t n, float r) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) o[k] = o[k] * r;
+}
+
 // In place: y[m, :] *= rs[m / group], then the STE mask of mask_x (if given).
 void scale_rows_(at::Tensor& y, const at::Tensor& rs, int64_t group, const c10::optional<at::Tensor>& mask_x,
                  double mask_step, int64_t qmax) {
@@ -425,9 +488,8 @@ void scale_rows_(at::Tensor& y, const at::Tensor& rs, int64_t group, const c10::
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, N));
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      const float r = p.rs[m / p.group];
-      float* __restrict o = yp + m * N;
-      for (int64_t n = 0; n < N; ++n) o[n] = o[n] * r;
+      float* o = yp + m * N;
+      scale_span(o, N, p.rs[m / p.group]);
       if (p.mx) ste_mask_span(o, p.mx + m * N, N, p.ms, p.lo, p.hi);
     }
   });
@@ -467,6 +529,65 @@ at::Tensor ste_mask_(at::Tensor grad, const at::Tensor& x, double step, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------
+// oneDNN's batch-reduce GEMM micro-kernel (at::native::cpublas::brgemm; AMX-INT8 tiles
+// where the CPU has them)
+// ---------------------------------------------------------------------------------------
+
+// The B operand [K, N] in the VNNI layout the int8 micro-kernel reads: [K/4, N, 4], element
+// (k, n) at ((k / 4) N + n) 4 + k % 4. Packed once per layer (forward: W_q^T; backward: W_q).
+at::Tensor pack_vnni(const at::Tensor& b) {
+  TORCH_CHECK(b.scalar_type() == at::kChar && b.dim() == 2 && b.is_contiguous(), "b must be a contiguous int8 [K, N]");
+  const int64_t K = b.size(0), N = b.size(1);
+  TORCH_CHECK(K % 4 == 0, "the VNNI layout needs K divisible by 4, got K=", K);
+  auto out = at::empty({K / 4, N, 4}, b.options());
+  const int8_t* in = b.data_ptr<int8_t>();
+  int8_t* o = out.data_ptr<int8_t>();
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n) o[((k / 4) * N + n) * 4 + k % 4] = in[k * N + n];
+  return out;
+}
+
+bool use_brgemm(const c10::optional<at::Tensor>& packed) {
+  return packed.has_value() && packed->defined() && !packed->is_mkldnn() && packed->dim() == 3;
+}
+
+// Rows per micro-kernel call: each thread's int32 accumulator (limbs x 16 x N) stays in L1/L2,
+// so the int32 result is never written to memory, only the float output.
+constexpr int64_t kBrgemmRows = 16;
+// Outputs of at least this many bytes are written with non-temporal stores.
+constexpr int64_t kStreamingBytes = int64_t{8} << 20;
+
+// rescale(codes [L M, K] (interleaved limbs) x B [K, N]), B packed by pack_vnni, in tiles of
+// kBrgemmRows rows spread over the threads.
+at::Tensor brgemm_rescale(const at::Tensor& codes, const at::Tensor& packed, const RescaleArgs& p) {
+  const int64_t L = p.limbs, M = codes.size(0) / L, K = codes.size(1), N = packed.size(1);
+  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.is_contiguous() && packed.size(0) * 4 == K,
+              "codes must be contiguous int8 [rows, K] for a VNNI-packed [K/4, N, 4] weight");
+  RECORD_FUNCTION("qeq_int8_brgemm", std::vector<c10::IValue>({codes, packed}));  // for torch.profiler
+  auto out = at::empty({M, N}, codes.options().dtype(at::kFloat));
+  const auto* A = reinterpret_cast<const signed char*>(codes.data_ptr<int8_t>());
+  const auto* B = reinterpret_cast<const signed char*>(packed.data_ptr<int8_t>());
+  float* O = out.data_ptr<float>();
+  const int64_t T = kBrgemmRows;
+  const bool streaming = M * N * static_cast<int64_t>(sizeof(float)) >= kStreamingBytes;
+  at::parallel_for(0, (M + T - 1) / T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> acc(L * T * N);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m0 = t * T, rows = std::min(T, M - m0);
+      for (int64_t l = 0; l < L; ++l)  // limb l of row i: codes row L (m0 + i) + l, acc row L i + l
+        at::native::cpublas::brgemm(rows, N, K, L * K, N, L * N, false, A + (L * m0 + l) * K, B,
+                                    acc.data() + l * N, true);
+      for (int64_t i = 0; i < rows; ++i) rescale_output_row(acc.data() + L * i * N, m0 + i, N, p, O, streaming);
+    }
+    at::native::cpublas::brgemm_release(true);
+#if defined(__AVX512F__)
+    if (streaming) _mm_sfence();
+#endif
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
 // Whole layers
 // ---------------------------------------------------------------------------------------
 
@@ -478,7 +599,7 @@ std::tuple<at::Tensor, bool> linear_static_forward(const at::Tensor& x, double s
                                                    const c10::optional<at::Tensor>& bias, int64_t limbs,
                                                    const c10::optional<at::Tensor>& packed) {
   TORCH_CHECK(limbs == 1 || limbs == 2, "limbs must be 1 or 2");
-  const bool onednn = use_onednn(packed, x.size(0));
+  const bool brgemm = use_brgemm(packed), onednn = use_onednn(packed, x.size(0));
   bool clipped = false;
   auto codes = limbs == 1 ? quantize_static(x, step, qmax, &clipped)
                           : quantize_static_limbs(x, step, qmax, &clipped, /*planar=*/onednn);
@@ -486,14 +607,14 @@ std::tuple<at::Tensor, bool> linear_static_forward(const at::Tensor& x, double s
   const float s = static_cast<float>(step);
   auto p = make_args(&s, 1, 1, x.size(0), w_t.size(1), w_scale, bias, c10::nullopt, 1.0, qmax);
   set_limbs(p, limbs, qmax);
-  return {gemm_rescale(codes, w_t, p), clipped};
+  return {brgemm ? brgemm_rescale(codes, *packed, p) : gemm_rescale(codes, w_t, p), clipped};
 }
 
 // atom: y = rescale(int8_gemm(quantize_per_atom(x as [N, 3, K]), w_t), scale[n], w_scale)
 at::Tensor linear_atom_forward(const at::Tensor& x, int64_t qmax, double tiny, const at::Tensor& w_t,
                                const at::Tensor& w_scale, int64_t limbs, const c10::optional<at::Tensor>& packed) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) % 3 == 0, "x must be [3N, K]");
-  const bool onednn = use_onednn(packed, x.size(0));
+  const bool brgemm = use_brgemm(packed), onednn = use_onednn(packed, x.size(0));
   auto [codes, scale] = quantize_per_atom_limbs(x.view({x.size(0) / 3, 3, x.size(1)}), qmax, tiny, limbs, onednn);
   codes = codes.view({limbs * x.size(0), x.size(1)});
   if (onednn) {
@@ -504,7 +625,7 @@ at::Tensor linear_atom_forward(const at::Tensor& x, int64_t qmax, double tiny, c
   auto p = make_args(scale.data_ptr<float>(), scale.numel(), 3, x.size(0), w_t.size(1), w_scale, c10::nullopt,
                      c10::nullopt, 1.0, qmax);
   set_limbs(p, limbs, qmax);
-  return gemm_rescale(codes, w_t, p);
+  return brgemm ? brgemm_rescale(codes, *packed, p) : gemm_rescale(codes, w_t, p);
 }
 
 // Input gradient from per-row codes of g * w_scale ([limbs * M, N], planar for oneDNN,
@@ -526,7 +647,7 @@ at::Tensor linear_backward_from_codes(const at::Tensor& codes, const at::Tensor&
   }
   auto p = make_args(scale.data_ptr<float>(), M, 1, M, w.size(1), c10::nullopt, c10::nullopt, x, step, qmax);
   set_limbs(p, limbs, 127);
-  return gemm_rescale(codes, w, p);
+  return use_brgemm(packed) ? brgemm_rescale(codes, *packed, p) : gemm_rescale(codes, w, p);
 }
 
 // Input gradient with int8 GEMM: (g * w_scale) quantized per row (one or two limbs),
@@ -535,7 +656,8 @@ at::Tensor linear_backward_from_codes(const at::Tensor& codes, const at::Tensor&
 at::Tensor linear_backward_int8(const at::Tensor& grad, const at::Tensor& w_scale, const at::Tensor& w,
                                 const c10::optional<at::Tensor>& x, double step, int64_t qmax, double tiny,
                                 int64_t limbs, const c10::optional<at::Tensor>& packed) {
-  auto [codes, scale] = quantize_per_row_limbs(grad, w_scale, 127, tiny, limbs, use_onednn(packed, grad.size(0)));
+  const bool planar = use_onednn(packed, grad.size(0));
+  auto [codes, scale] = quantize_per_row_limbs(grad, w_scale, 127, tiny, limbs, planar);
   return linear_backward_from_codes(codes, scale, w, x, step, qmax, limbs, packed);
 }
 
@@ -635,5 +757,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("col_scale"), py::arg("qmax"), py::arg("tiny"), py::arg("limbs"), py::arg("planar") = false);
   m.def("rescale", &rescale, "int32 GEMM output -> float32 with row/column scales, bias, STE mask");
   m.def("ste_mask_", &ste_mask_, "in-place STE mask of a clamped quantizer");
+  m.def("pack_vnni", &pack_vnni, "int8 [K, N] -> the VNNI layout [K/4, N, 4] of the brgemm micro-kernel");
   m.attr("onednn_min_rows") = kOnednnMinRows;
 }
