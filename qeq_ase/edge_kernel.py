@@ -136,10 +136,14 @@ def receiver_order(edge_index: torch.Tensor) -> torch.Tensor | None:
     return torch.argsort(receiver, stable=True)
 
 
-def _forward(ctx, qkv, vin, filt, envelope, unit, scale, csr: EdgeCSR, normalize: bool, *extra):
-    """Run the kernel and save what its backward needs (plus ``extra`` tensors, saved last)."""
+def _forward(ctx, qkv, vin, filt, envelope, unit, scale, csr: EdgeCSR, normalize: bool, *extra, **in_kernel):
+    """Run the kernel and save what its backward needs (plus ``extra`` tensors, saved last).
+    ``in_kernel``: the in-kernel filter's arguments (then ``filt`` is empty)."""
     graph = (csr.rowptr, csr.sender, csr.receiver, csr.colptr, csr.sender_order)
-    agg_s, agg_v, *saved = load_edge_kernel().forward(qkv, vin, filt, envelope, unit, scale, *graph, normalize)
+    agg_s, agg_v, *saved = load_edge_kernel().forward(qkv, vin, filt, envelope, unit, scale, *graph, normalize,
+                                                      **in_kernel)
+    if in_kernel:  # the kernel computed the filter rows: they are the backward's filt
+        filt = saved.pop()
     ctx.save_for_backward(qkv, vin, filt, envelope, unit, scale, *saved, *graph, *extra)
     ctx.normalize = normalize
     return agg_s, agg_v
@@ -177,13 +181,27 @@ class _Int8FilterEdgeAttention(torch.autograd.Function):
     Backward: the kernel writes the filter gradient times the layer's weight scales as
     two-limb int8 codes per edge, which go straight into the layer's int8 input-gradient
     GEMM; the ``[E, 4F]`` float gradient is never stored, nor read again to be quantized.
+
+    With the brgemm GEMM (``layer.in_kernel_operands()``) the kernel goes further: it
+    computes the filter rows itself from the edge features' int8 codes, a few edges at a
+    time, in the forward and again in both backward passes, and runs the layer's
+    input-gradient GEMM on each sender's gradient codes, so no ``[E, 4F]`` tensor exists at
+    all. Same arithmetic, same results (tested bit for bit).
     """
 
     @staticmethod
     def forward(ctx, qkv, vin, edge_features, envelope, unit, scale, csr: EdgeCSR, normalize: bool, layer):
-        filt, clipped = layer.forward_no_grad(edge_features)
         ctx.layer = layer
-        # the layer's input is kept only for LSQ's STE mask, when some input was clipped
+        ctx.in_kernel = layer.in_kernel_operands()
+        if ctx.in_kernel is not None:
+            codes, clipped = layer.input_codes(edge_features)
+            empty = qkv.new_empty(0)
+            # the layer's input is kept only for LSQ's STE mask, when some input was clipped
+            return _forward(ctx, qkv, vin, empty, envelope, unit, scale, csr, normalize,
+                            edge_features if clipped else None, filter_codes=codes,
+                            **{k: ctx.in_kernel[k] for k in ("filter_w", "filter_w_scale", "filter_step",
+                                                             "filter_qmax")})
+        filt, clipped = layer.forward_no_grad(edge_features)
         return _forward(ctx, qkv, vin, filt, envelope, unit, scale, csr, normalize,
                         edge_features if clipped else None)
 
@@ -191,6 +209,13 @@ class _Int8FilterEdgeAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_s, grad_v):
         layer = ctx.layer
+        if ctx.in_kernel is not None:
+            clipped_input = ctx.saved_tensors[-1]  # the extra tensor of _forward (None: nothing clipped)
+            grads, _ = _backward(ctx, grad_s, grad_v, n_extra=1, filt_col_scale=layer.weight_scale,
+                                 tiny=layer.gradient_tiny, filter_mask_x=clipped_input,
+                                 **{k: ctx.in_kernel[k] for k in ("filter_w_bwd", "filter_step", "filter_qmax")})
+            dqkv, dvin, dfeatures, denv, dunit, dscale, _, _ = grads
+            return dqkv, dvin, dfeatures, denv, dunit, dscale, None, None, None
         n_edges = ctx.saved_tensors[2].shape[0]
         grads, (clipped_input,) = _backward(ctx, grad_s, grad_v, n_extra=1, filt_col_scale=layer.weight_scale,
                                             tiny=layer.gradient_tiny, planar=layer.planar_gradient_codes(n_edges))

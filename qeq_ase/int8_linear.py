@@ -483,6 +483,8 @@ class _Int8LinearBase(nn.Module):
             gemm = "oneDNN brgemm micro-kernel (int8 x int8, AMX-INT8, tiles of 16 rows, rescale fused)"
         if self.backward_kernel == "int8" and self.gemm in ("onednn", "brgemm"):
             backward = backward.replace("torch._int_mm", "the same int8 GEMM")
+        if self.in_kernel_operands() is not None:
+            gemm += "; as an edge filter, run inside the fused edge kernel (forward and input gradient)"
         return f"{gemm} + {self._ops().name} quantize/rescale; backward: {backward}"
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -531,6 +533,29 @@ class _Int8LinearBase(nn.Module):
         """Layout of the gradient codes :meth:`input_grad_from_codes` takes for ``rows`` rows:
         planar (oneDNN) or interleaved (``torch._int_mm``)."""
         return _use_onednn(self._packed_weights()[1], rows)
+
+    def in_kernel_operands(self) -> dict | None:
+        """What a fused kernel needs to compute this layer itself, or ``None`` where it cannot.
+
+        With the brgemm GEMM, two-limb static inputs, no bias and the C++ kernels, the edge
+        kernel computes the edge filters from the input codes (:meth:`input_codes`) a few
+        edges at a time, with this layer's arithmetic, and runs its input-gradient GEMM on the
+        gradient codes (:mod:`qeq_ase.edge_kernel`); the returned tensors are the keyword
+        arguments of that kernel.
+        """
+        if self.gemm != "brgemm" or not self.takes_gradient_codes or self.bias is not None:
+            return None
+        w_fwd, w_bwd = self._packed_weights()
+        if not (w_fwd.numel() and w_bwd.numel()):
+            return None
+        return {"filter_w": w_fwd, "filter_w_bwd": w_bwd, "filter_w_scale": self.weight_scale,
+                "filter_step": self.input_step_value, "filter_qmax": float(self.input_qmax)}
+
+    def input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Interleaved two-limb codes ``[2M, in]`` of static inputs ``x [M, in]`` and whether any was clipped."""
+        codes, clipped = self._ops().quantize_static_limbs_clipped(x.contiguous(), self.input_step_value,
+                                                                   self.input_qmax)
+        return codes, bool(clipped)
 
     def forward_no_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """``(y, clipped)`` for static inputs, without an autograd node: ``clipped`` says

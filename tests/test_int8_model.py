@@ -29,9 +29,10 @@ from qeq_ase.checkpoint import (PotentialFileError, load_potential_file, pack_st
                                 save_potential)
 from qeq_ase.equivariance import check_equivariance
 from qeq_ase.graph import molecules_to_graph
-from qeq_ase.int8_linear import Int8ScalarLinear, Int8VectorLinear, _brgemm_fits, resolve_gemm
+from qeq_ase.int8_linear import Int8ScalarLinear, Int8VectorLinear, _brgemm_fits, cpu_has_amx_int8, resolve_gemm
 from qeq_ase.int8_model import (build_int8_model, convert_to_int8, int8_kernel_report, int8_model_skeleton,
-                                int8_state_dict, set_activation_limbs, set_backward_kernel, state_dict_nbytes)
+                                int8_state_dict, set_activation_limbs, set_backward_kernel, set_int8_gemm,
+                                state_dict_nbytes)
 from qeq_ase.layers import FeatureObserver
 from qeq_ase.model import ModelConfig, QEqModel
 from qeq_ase.qat import (QATScalarLinear, QATVectorLinear, calibration, convert_to_qat, quantization_state,
@@ -169,10 +170,14 @@ def test_two_limb_int8_backward_gives_the_float_backward_forces(models):
         set_backward_kernel(model, "bf16")
 
 
-def test_int8_filter_gradient_goes_from_the_edge_kernel_to_the_int8_gemm_as_codes(models, monkeypatch):
+@pytest.mark.parametrize("gemm", ["int_mm", "onednn"])
+def test_int8_filter_gradient_goes_from_the_edge_kernel_to_the_int8_gemm_as_codes(models, monkeypatch, gemm):
     """By default (backward "auto") the edge kernel hands the filter gradient to the filter's
     int8 GEMM as int8 codes; the forces are those of an int8 backward in the filters alone
-    that quantizes the float gradient itself, and within 1e-4 of the float backward's."""
+    that quantizes the float gradient itself, and within 1e-4 of the float backward's.
+    (With the brgemm GEMM the kernel runs that GEMM itself: the next test.)"""
+    if gemm == "onednn" and not cpu_has_amx_int8():
+        pytest.skip("oneDNN's int8 linear needs AMX-INT8 (else a reference kernel)")
     _, _, model = models
     positions = molecules(2, seed=5)
     calls = []
@@ -180,7 +185,7 @@ def test_int8_filter_gradient_goes_from_the_edge_kernel_to_the_int8_gemm_as_code
     monkeypatch.setattr(Int8ScalarLinear, "input_grad_from_codes",
                         lambda self, *a: calls.append(self) or from_codes(self, *a))
     try:
-        set_activation_limbs(set_backward_kernel(model, "auto"), 2)
+        set_int8_gemm(set_activation_limbs(set_backward_kernel(model, "auto"), 2), gemm)
         out = predict(model, positions)
         assert calls[::-1] == [layer.edge_filter for layer in model.layers]  # backward: last layer first
         assert "gradient codes" in int8_kernel_report(model)["layers"]["layers.0.edge_filter"]["kernel"]
@@ -190,11 +195,53 @@ def test_int8_filter_gradient_goes_from_the_edge_kernel_to_the_int8_gemm_as_code
         monkeypatch.setattr(Int8ScalarLinear, "takes_gradient_codes", property(lambda self: False))
         ref = predict(model, positions)
     finally:
-        set_backward_kernel(model, "auto"), set_activation_limbs(model, 1)
+        set_backward_kernel(model, "auto"), set_activation_limbs(model, 1), set_int8_gemm(model, "auto")
     assert len(calls) == len(model.layers)
     assert torch.equal(out["energy"], ref["energy"])
     assert rms(out["forces"] - ref["forces"]) < 1e-6 * rms(ref["forces"])
     assert 0 < rms(out["forces"] - exact["forces"]) < 1e-4 * rms(exact["forces"])
+
+
+@pytest.mark.skipif(not cpu_has_amx_int8(), reason="the brgemm GEMM needs AMX-INT8")
+def test_in_kernel_int8_filter_gives_the_separate_filter_layer_bit_for_bit(models, monkeypatch):
+    """With the brgemm GEMM (the default on AMX CPUs) the edge kernel computes the filter rows
+    from the edge features' codes and runs the filter's input-gradient GEMM itself: no filter
+    GEMM outside the kernel, no gradient codes handed over. Energies and forces are bit for bit
+    those of the separate filter layer with the same GEMM, also where most edge features are
+    clipped (the STE mask in the kernel)."""
+    _, _, model = models
+    positions = molecules(2, seed=6)
+    calls = []
+    from_codes, operands = Int8ScalarLinear.input_grad_from_codes, Int8ScalarLinear.in_kernel_operands
+    monkeypatch.setattr(Int8ScalarLinear, "input_grad_from_codes",
+                        lambda self, *a: calls.append(self) or from_codes(self, *a))
+    filters = [layer.edge_filter for layer in model.layers]
+    steps = [f.input_step.detach().clone() for f in filters]
+    forces = []
+    try:
+        set_int8_gemm(set_activation_limbs(set_backward_kernel(model, "auto"), 2), "brgemm")
+        for shrink in (1.0, 0.05):  # 0.05: most edge features beyond the clip range
+            with torch.no_grad():
+                for f, step in zip(filters, steps):
+                    f.input_step.copy_(step * shrink)
+                    f.refresh()
+            assert all(f.in_kernel_operands() is not None for f in filters)
+            out = predict(model, positions)
+            assert not calls
+            monkeypatch.setattr(Int8ScalarLinear, "in_kernel_operands", lambda self: None)
+            ref = predict(model, positions)
+            monkeypatch.setattr(Int8ScalarLinear, "in_kernel_operands", operands)
+            assert len(calls) == len(filters)
+            calls.clear()
+            assert torch.equal(out["energy"], ref["energy"]) and torch.equal(out["forces"], ref["forces"])
+            forces.append(out["forces"])
+    finally:
+        with torch.no_grad():
+            for f, step in zip(filters, steps):
+                f.input_step.copy_(step)
+                f.refresh()
+        set_activation_limbs(model, 1), set_int8_gemm(model, "auto")
+    assert rms(forces[1] - forces[0]) > 1e-2 * rms(forces[0])  # the clipped run did clip
 
 
 def test_forward_runs_int8_gemms_and_never_a_dequantized_float_layer(models, monkeypatch):

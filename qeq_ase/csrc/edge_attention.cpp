@@ -35,10 +35,16 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <type_traits>
 #include <vector>
 
@@ -81,14 +87,16 @@ Sizes check_inputs(const at::Tensor& qkv, const at::Tensor& vin, const at::Tenso
   Sizes s;
   s.N = qkv.size(0);
   s.F = qkv.size(1) / 5;
-  s.E = filt.size(0);
+  s.E = env.numel();
   s.H = scale.size(0);
   TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == 5 * s.F, "qkv must be [N, 5F]");
   TORCH_CHECK(s.H > 0 && s.F % s.H == 0, "F=", s.F, " is not divisible by the ", s.H, " heads");
   s.D = s.F / s.H;
   TORCH_CHECK(vin.dim() == 3 && vin.size(0) == s.N && vin.size(1) == 3 && vin.size(2) == s.F, "vin must be [N, 3, F]");
-  TORCH_CHECK(filt.dim() == 2 && filt.size(1) == 4 * s.F, "filt must be [E, 4F]");
-  TORCH_CHECK(env.numel() == s.E && unit.numel() == 3 * s.E, "envelope [E] and unit [E, 3] must match filt");
+  // filt may be empty: the INT8 filter computed inside the kernel (InKernelFilter)
+  TORCH_CHECK(filt.numel() == 0 || (filt.dim() == 2 && filt.size(0) == s.E && filt.size(1) == 4 * s.F),
+              "filt must be [E, 4F] (E = envelope's length) or empty");
+  TORCH_CHECK(unit.numel() == 3 * s.E, "unit must be [E, 3] for E = the envelope's length");
   TORCH_CHECK(rowptr.numel() == s.N + 1 && colptr.numel() == s.N + 1, "rowptr and colptr must have N + 1 entries");
   TORCH_CHECK(sender.numel() == s.E && receiver.numel() == s.E && sender_order.numel() == s.E,
               "sender, receiver and sender_order must have E entries");
@@ -148,6 +156,124 @@ struct FilterCodes {
   float* scale = nullptr;   // [E]
 };
 
+// The INT8 edge filter inside the kernel. Forward: the filter rows of a window of receivers'
+// edges = rescale(two-limb codes of the edge features x W_q^T), through oneDNN's brgemm
+// micro-kernel (AMX-INT8), exactly the arithmetic of the filter layer's "brgemm" GEMM in
+// qeq_ase/csrc/int8_kernels.cpp, written to filt [E, 4F] for the backward and used while they
+// are in cache (the separate GEMM wrote them to memory and the kernel read them back).
+// Backward: the filter's input-gradient GEMM runs on a window of senders' gradient codes the
+// same way, writing dL/d(edge features) [E, K] (float) instead of codes [2E, 4F]. (Recomputing
+// the rows in the backward instead of storing them was measured slower: three brgemm passes
+// per layer cost more than reading the stored rows.)
+struct InKernelFilter {
+  const int8_t* codes = nullptr;  // [2E, K]: (hi, lo) rows of each edge's features on the layer's input grid
+  const int8_t* w_fwd = nullptr;  // W_q^T [K, 4F] in the VNNI layout [K/4, 4F, 4]
+  const int8_t* w_bwd = nullptr;  // W_q [4F, K] in the VNNI layout [4F/4, K, 4] (backward)
+  const float* w_scale = nullptr;  // s_w [4F]
+  float step = 1.0f;                // the input step (static, per tensor)
+  float inv_lo = 1.0f / 254.0f;     // 1 / (2 qmax) of the input limbs
+  float qmax = 127.0f;              // the input quantizer's clip (STE mask)
+  int64_t K = 0;
+  const float* mask_x = nullptr;  // [E, K] the edge features where some were clipped, else nullptr
+  float* dfeat = nullptr;         // [E, K] the backward's output
+  bool on() const { return codes != nullptr; }             // forward: compute the rows
+  bool grad_gemm() const { return w_bwd != nullptr; }      // backward: the input-gradient GEMM
+};
+
+constexpr int64_t kFilterRows = 16;  // edges per micro-kernel call
+// Filter rows are computed for the edges of a run of whole nodes (a window) of at most this
+// many edges (or one node), so that most micro-kernel calls have kFilterRows rows: one call
+// per node (~14 edges) cost more in call overhead than the rows saved.
+constexpr int64_t kWindowEdges = 128;
+
+// Scratch of one thread for InKernelFilter.
+struct FilterScratch {
+  std::vector<int8_t> a;      // gathered input codes [2 kFilterRows, K]
+  std::vector<int32_t> acc;   // [2 kFilterRows, max(4F, K)]
+  std::vector<float> rows;     // filter rows of a window's edges [n, 4F] (forward)
+  std::vector<int8_t> gcodes;  // gradient codes of a window's edges [2 n, 4F]
+  std::vector<float> gscale;   // their row scales [deg]
+  int64_t begin = 0, end = 0;  // the window: positions [begin, end) of the edge order (see window_end)
+  FilterScratch(int64_t K, int64_t F) : a(2 * kFilterRows * K), acc(2 * kFilterRows * std::max(4 * F, K)) {}
+};
+
+// ptr[n1] for the last node n1 in (n, last] whose edges ptr[n] .. ptr[n1] number at most
+// kWindowEdges (at least n1 = n + 1): the end of a window of whole nodes starting at node n.
+inline int64_t window_end(const int64_t* ptr, int64_t n, int64_t last) {
+  int64_t n1 = n + 1;
+  while (n1 < last && ptr[n1 + 1] - ptr[n] <= kWindowEdges) ++n1;
+  return ptr[n1];
+}
+
+// The rescales below must round exactly like rescale_row in int8_kernels.cpp (built with
+// -ffp-contract=off): no fused multiply-add.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+// o[n] = (hi[n] + lo[n] * inv_lo) * (r * cs[n])   (cs nullptr: * r)
+inline void rescale_limbs(const int32_t* __restrict hi, const int32_t* __restrict lo, int64_t n, float inv_lo,
+                          float r, const float* __restrict cs, float* __restrict o) {
+  if (cs) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) o[k] = (static_cast<float>(hi[k]) + static_cast<float>(lo[k]) * inv_lo) * (r * cs[k]);
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) o[k] = (static_cast<float>(hi[k]) + static_cast<float>(lo[k]) * inv_lo) * r;
+  }
+}
+
+#pragma GCC pop_options
+
+// out [n, 4F] = the filter rows of edges edge(0), ..., edge(n - 1) (contiguous: edge(r) = edge(0) + r).
+template <typename EdgeOf>
+void filter_rows(const InKernelFilter& f, int64_t n, int64_t F4, EdgeOf edge, bool contiguous, FilterScratch& w,
+                 float* out) {
+  const int64_t K = f.K;
+  for (int64_t r0 = 0; r0 < n; r0 += kFilterRows) {
+    const int64_t rows = std::min(kFilterRows, n - r0);
+    const int8_t* A = f.codes + 2 * edge(r0) * K;
+    if (!contiguous) {
+      for (int64_t i = 0; i < rows; ++i) std::memcpy(w.a.data() + 2 * i * K, f.codes + 2 * edge(r0 + i) * K, 2 * K);
+      A = w.a.data();
+    }
+    const auto* a = reinterpret_cast<const signed char*>(A);
+    const auto* b = reinterpret_cast<const signed char*>(f.w_fwd);
+    at::native::cpublas::brgemm(rows, F4, K, 2 * K, F4, 2 * F4, false, a, b, w.acc.data(), true);          // hi
+    at::native::cpublas::brgemm(rows, F4, K, 2 * K, F4, 2 * F4, false, a + K, b, w.acc.data() + F4, true);  // lo
+    for (int64_t i = 0; i < rows; ++i) {
+      const int32_t* hi = w.acc.data() + 2 * i * F4;
+      rescale_limbs(hi, hi + F4, F4, f.inv_lo, f.step, f.w_scale, out + (r0 + i) * F4);
+    }
+  }
+}
+
+// dL/d(edge features) of edges edge(0..n-1) from their gradient codes [2n, 4F] (interleaved
+// limbs) and row scales: (codes x W_q) rescaled per row, masked by the input's STE.
+template <typename EdgeOf>
+void filter_input_grad(const InKernelFilter& f, int64_t n, int64_t F4, EdgeOf edge, FilterScratch& w) {
+  const int64_t K = f.K;
+  for (int64_t r0 = 0; r0 < n; r0 += kFilterRows) {
+    const int64_t rows = std::min(kFilterRows, n - r0);
+    const auto* a = reinterpret_cast<const signed char*>(w.gcodes.data() + 2 * r0 * F4);
+    const auto* b = reinterpret_cast<const signed char*>(f.w_bwd);
+    at::native::cpublas::brgemm(rows, K, F4, 2 * F4, K, 2 * K, false, a, b, w.acc.data(), true);
+    at::native::cpublas::brgemm(rows, K, F4, 2 * F4, K, 2 * K, false, a + F4, b, w.acc.data() + K, true);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t e = edge(r0 + i);
+      float* d = f.dfeat + e * K;
+      const int32_t* hi = w.acc.data() + 2 * i * K;
+      rescale_limbs(hi, hi + K, K, 1.0f / 254.0f, w.gscale[r0 + i], nullptr, d);
+      if (f.mask_x) {
+        const float* x = f.mask_x + e * K;
+        for (int64_t k = 0; k < K; ++k) {
+          const float y = x[k] / f.step;
+          d[k] = (y >= -f.qmax && y <= f.qmax) ? d[k] : 0.0f;
+        }
+      }
+    }
+  }
+}
+
 // q / max(|q|, eps) per head of one node; returns nothing, fills qn and the clamped norms.
 template <typename T>
 inline void normalize_heads(const T* __restrict q, T* __restrict qn, T* __restrict qnorm, int64_t H, int64_t D) {
@@ -159,17 +285,17 @@ inline void normalize_heads(const T* __restrict q, T* __restrict qn, T* __restri
   }
 }
 
-// Logits of the edges of receiver i into logits [deg, H] (a scratch buffer), and the
+// Logits of the edges of receiver i (filter rows fr [deg, 4F]) into logits [deg, H] (a scratch buffer), and the
 // cosines (or plain dot products) and clamped filtered-key norms into the per-edge
 // cos [E, H] and knorm [E, H] that the backward pass reuses.
 template <typename T>
-void edge_logits(const T* qkv, const T* filt, const T* scale, const Graph& g, const Sizes& s, bool normalize,
+void edge_logits(const T* qkv, const T* fr, const T* scale, const Graph& g, const Sizes& s, bool normalize,
                  int64_t i, const T* qn, T* logits, T* cos, T* knorm) {
   const int64_t e0 = g.rowptr[i], e1 = g.rowptr[i + 1];
   const T* q = qkv + i * 5 * s.F;
   for (int64_t e = e0; e < e1; ++e) {
     const T* k = qkv + g.sender[e] * 5 * s.F + s.F;
-    const T* kf = filt + e * 4 * s.F;
+    const T* kf = fr + (e - e0) * 4 * s.F;
     for (int64_t h = 0; h < s.H; ++h) {
       T kk2 = 0, qk = 0;
       const T* qh = normalize ? qn + h * s.D : q + h * s.D;
@@ -188,12 +314,48 @@ void edge_logits(const T* qkv, const T* filt, const T* scale, const Graph& g, co
   }
 }
 
+// dst[0, n) = src[0, n), with non-temporal stores where possible (dst is not read again soon).
+inline void stream_copy(float* __restrict dst, const float* __restrict src, int64_t n) {
+#if defined(__AVX512F__)
+  if (reinterpret_cast<uintptr_t>(dst) % 64 == 0 && n % 16 == 0) {
+    for (int64_t k = 0; k < n; k += 16) _mm512_stream_ps(dst + k, _mm512_loadu_ps(src + k));
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+// The filter rows [deg, 4F] of receiver i's edges. In-kernel filter (forward): computed for a
+// window of receivers i .. of this thread's range (which ends at node `last`) into scratch, where
+// the kernel reads them, and streamed to filt for the backward. Otherwise the rows of filt.
 template <typename T>
-void forward_impl(const T* qkv, const T* vin, const T* filt, const T* env, const T* unit, const T* scale,
-                  const Graph& g, const Sizes& s, bool normalize, T* agg_s, T* agg_v, T* u_out, T* cos, T* knorm) {
+const T* receiver_filter(T* filt, const InKernelFilter& inf, const Graph& g, const Sizes& s, int64_t i, int64_t last,
+                         FilterScratch& w) {
+  const int64_t e_i = g.rowptr[i];
+  if constexpr (std::is_same_v<T, float>) {
+    if (inf.on()) {
+      if (e_i < w.begin || g.rowptr[i + 1] > w.end || w.end == w.begin) {
+        w.begin = e_i;
+        w.end = window_end(g.rowptr, i, last);
+        const int64_t n = (w.end - w.begin) * 4 * s.F;
+        w.rows.resize(n);
+        filter_rows(inf, w.end - w.begin, 4 * s.F, [e_i](int64_t r) { return e_i + r; }, true, w, w.rows.data());
+        stream_copy(filt + e_i * 4 * s.F, w.rows.data(), n);
+      }
+      return w.rows.data() + (e_i - w.begin) * 4 * s.F;
+    }
+  }
+  return filt + e_i * 4 * s.F;
+}
+
+template <typename T>
+void forward_impl(const T* qkv, const T* vin, T* filt, const T* env, const T* unit, const T* scale,
+                  const Graph& g, const Sizes& s, bool normalize, T* agg_s, T* agg_v, T* u_out, T* cos, T* knorm,
+                  const InKernelFilter& inf) {
   const int64_t F = s.F, H = s.H, D = s.D;
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> qn(F), qnorm(H), logits, m(H), denom(H);
+    FilterScratch scratch(inf.K, F);
     for (int64_t i = begin; i < end; ++i) {
       T* as = agg_s + i * F;
       T* av = agg_v + i * 3 * F;
@@ -203,7 +365,8 @@ void forward_impl(const T* qkv, const T* vin, const T* filt, const T* env, const
       if (deg == 0) continue;
       logits.resize(deg * H);
       if (normalize) normalize_heads(qkv + i * 5 * F, qn.data(), qnorm.data(), H, D);
-      edge_logits(qkv, filt, scale, g, s, normalize, i, qn.data(), logits.data(), cos, knorm);
+      const T* fr = receiver_filter(filt, inf, g, s, i, end, scratch);
+      edge_logits(qkv, fr, scale, g, s, normalize, i, qn.data(), logits.data(), cos, knorm);
       // sink softmax: the shift includes 0 (the sink's logit), as attention.sink_softmax does
       std::fill(m.begin(), m.end(), T(0));
       for (int64_t k = 0; k < deg; ++k)
@@ -220,7 +383,7 @@ void forward_impl(const T* qkv, const T* vin, const T* filt, const T* env, const
         const int64_t e = e0 + k, j = g.sender[e];
         const T c = env[e];
         const T* vals = qkv + j * 5 * F + 2 * F;
-        const T* vf = filt + e * 4 * F + F;
+        const T* vf = fr + k * 4 * F + F;
         const T* vj = vin + j * 3 * F;
         const T* ue = unit + 3 * e;
         T* u = u_out + e * H;
@@ -239,6 +402,12 @@ void forward_impl(const T* qkv, const T* vin, const T* filt, const T* env, const
           av[2 * F + f] += vj[2 * F + f] * gvec + ue[2] * gdir;
         }
       }
+    }
+    if (inf.on()) {
+      at::native::cpublas::brgemm_release(true);
+#if defined(__AVX512F__)
+      _mm_sfence();  // the streamed rows of filt
+#endif
     }
   });
 }
@@ -261,13 +430,14 @@ void backward_receivers(const T* qkv, const T* filt, const T* env, const T* scal
       std::fill(dqi, dqi + F, T(0));
       if (deg == 0) continue;
       const T* gsi = gs + i * F;
+      const T* fr = filt + e0 * 4 * F;
       da.resize(deg * H);
       std::fill(sum_ada.begin(), sum_ada.end(), T(0));
       for (int64_t k = 0; k < deg; ++k) {
         const int64_t e = e0 + k, j = g.sender[e];
         const T c = env[e];
         const T* vals = qkv + j * 5 * F + 2 * F;
-        const T* vf = filt + e * 4 * F + F;
+        const T* vf = fr + k * 4 * F + F;
         for (int64_t h = 0; h < H; ++h) {
           T acc = 0;
 #pragma omp simd reduction(+ : acc)
@@ -280,7 +450,7 @@ void backward_receivers(const T* qkv, const T* filt, const T* env, const T* scal
       for (int64_t k = 0; k < deg; ++k) {
         const int64_t e = e0 + k;
         const T* kj = qkv + g.sender[e] * 5 * F + F;
-        const T* kf = filt + e * 4 * F;
+        const T* kf = fr + k * 4 * F;
         T dc = 0;
         for (int64_t h = 0; h < H; ++h) {
           const T u = u_in[e * H + h], diff = da[k * H + h] - sum_ada[h];
@@ -315,10 +485,19 @@ template <typename T>
 void backward_senders(const T* qkv, const T* vin, const T* filt, const T* env, const T* unit, const T* scale,
                       const T* u_in, const T* knorm, const T* qn_all, const T* gs, const T* gv, const T* dlogit,
                       const Graph& g, const Sizes& s, bool normalize, T* dqkv, T* dvin, T* dfilt, T* denv,
-                      T* dunit, const FilterCodes& fc) {
+                      T* dunit, const FilterCodes& fc, const InKernelFilter& inf) {
   const int64_t F = s.F, H = s.H, D = s.D;
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> row(fc.col_scale ? 4 * F : 0);  // one edge's filter gradient, int8 mode
+    FilterScratch scratch(inf.K, F);
+    // dL/d(edge features) of the window's edges from their gradient codes, once all are written
+    auto flush_input_grad = [&](FilterScratch& w) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (inf.grad_gemm() && w.end > w.begin)
+          filter_input_grad(inf, w.end - w.begin, 4 * F, [&](int64_t r) { return g.sender_order[w.begin + r]; }, w);
+      }
+      w.begin = w.end = 0;
+    };
     for (int64_t j = begin; j < end; ++j) {
       T* dk = dqkv + j * 5 * F + F;  // k and the three value parts, 4F columns
       T* dvj = dvin + j * 3 * F;
@@ -327,7 +506,15 @@ void backward_senders(const T* qkv, const T* vin, const T* filt, const T* env, c
       const T* k = qkv + j * 5 * F + F;
       const T* vals = k + F;
       const T* vj = vin + j * 3 * F;
-      for (int64_t o = g.colptr[j]; o < g.colptr[j + 1]; ++o) {
+      const int64_t c0 = g.colptr[j], out_deg = g.colptr[j + 1] - c0;
+      if (inf.grad_gemm() && (c0 < scratch.begin || c0 + out_deg > scratch.end || scratch.end == scratch.begin)) {
+        flush_input_grad(scratch);  // the previous window's input-gradient GEMM
+        scratch.begin = c0;
+        scratch.end = window_end(g.colptr, j, end);
+        scratch.gcodes.resize(2 * (scratch.end - scratch.begin) * 4 * F);
+        scratch.gscale.resize(scratch.end - scratch.begin);
+      }
+      for (int64_t o = c0; o < c0 + out_deg; ++o) {
         const int64_t e = g.sender_order[o], i = g.receiver[e];
         const T c = env[e];
         const T* kf = filt + e * 4 * F;
@@ -400,7 +587,11 @@ void backward_senders(const T* qkv, const T* vin, const T* filt, const T* env, c
           }
         }
         if constexpr (std::is_same_v<T, float>) {
-          if (fc.col_scale) {
+          if (fc.col_scale && inf.grad_gemm()) {  // codes in the window's scratch, for its GEMM
+            int8_t* hi = scratch.gcodes.data() + 2 * (o - scratch.begin) * 4 * F;
+            scratch.gscale[o - scratch.begin] = quantize_row_limbs(row.data(), fc.col_scale, 4 * F, fc.tiny, hi,
+                                                                   hi + 4 * F);
+          } else if (fc.col_scale) {
             int8_t* hi = fc.codes + (fc.planar ? e : 2 * e) * 4 * F;
             int8_t* lo = hi + (fc.planar ? s.E : 1) * 4 * F;
             fc.scale[e] = quantize_row_limbs(row.data(), fc.col_scale, 4 * F, fc.tiny, hi, lo);
@@ -408,32 +599,69 @@ void backward_senders(const T* qkv, const T* vin, const T* filt, const T* env, c
         }
       }
     }
+    flush_input_grad(scratch);
+    if (inf.grad_gemm()) at::native::cpublas::brgemm_release(true);
   });
 }
 
 }  // namespace
 
+// The in-kernel INT8 filter from its tensors (all absent: the stored filt is used).
+InKernelFilter make_filter(const Sizes& s, const c10::optional<at::Tensor>& codes, const c10::optional<at::Tensor>& w_fwd,
+                           const c10::optional<at::Tensor>& w_scale, double step, double qmax) {
+  InKernelFilter f;
+  if (!codes.has_value()) return f;
+  TORCH_CHECK(w_fwd.has_value() && w_scale.has_value(), "the in-kernel filter needs its packed weight and scales");
+  check(*codes, "filter_codes", at::kChar);
+  check(*w_fwd, "filter_w", at::kChar);
+  check(*w_scale, "filter_w_scale", at::kFloat);
+  f.K = codes->size(1);
+  TORCH_CHECK(codes->dim() == 2 && codes->size(0) == 2 * s.E, "filter_codes must be the two-limb codes [2E, K]");
+  TORCH_CHECK(w_fwd->dim() == 3 && w_fwd->size(0) * 4 == f.K && w_fwd->size(1) == 4 * s.F && w_fwd->size(2) == 4,
+              "filter_w must be W_q^T [K, 4F] in the VNNI layout [K/4, 4F, 4]");
+  TORCH_CHECK(w_scale->numel() == 4 * s.F, "filter_w_scale must have 4F entries");
+  f.codes = codes->data_ptr<int8_t>();
+  f.w_fwd = w_fwd->data_ptr<int8_t>();
+  f.w_scale = w_scale->data_ptr<float>();
+  f.step = static_cast<float>(step);
+  f.qmax = static_cast<float>(qmax);
+  f.inv_lo = 1.0f / (2.0f * f.qmax);
+  return f;
+}
+
 // Returns agg_s [N, F], agg_v [N, 3, F] and, saved for the backward pass, u [E, H] (the
 // softmax weights before the envelope), cos [E, H] (cosines or dot products) and
-// knorm [E, H] (clamped filtered-key norms; 1 without normalisation).
+// knorm [E, H] (clamped filtered-key norms; 1 without normalisation); with the in-kernel
+// filter (filter_codes, filter_w, filter_w_scale given; filt empty) also the filter rows
+// filt [E, 4F] it computed, which the backward takes as filt.
 std::vector<at::Tensor> edge_attention_forward(const at::Tensor& qkv, const at::Tensor& vin, const at::Tensor& filt,
                                                const at::Tensor& env, const at::Tensor& unit, const at::Tensor& scale,
                                                const at::Tensor& rowptr, const at::Tensor& sender,
                                                const at::Tensor& receiver, const at::Tensor& colptr,
-                                               const at::Tensor& sender_order, bool normalize) {
+                                               const at::Tensor& sender_order, bool normalize,
+                                               const c10::optional<at::Tensor>& filter_codes,
+                                               const c10::optional<at::Tensor>& filter_w,
+                                               const c10::optional<at::Tensor>& filter_w_scale, double filter_step,
+                                               double filter_qmax) {
   const Sizes s = check_inputs(qkv, vin, filt, env, unit, scale, rowptr, sender, receiver, colptr, sender_order);
   const Graph g = graph_of(rowptr, sender, receiver, colptr, sender_order);
+  const InKernelFilter inf = make_filter(s, filter_codes, filter_w, filter_w_scale, filter_step, filter_qmax);
+  TORCH_CHECK(inf.on() ? qkv.scalar_type() == at::kFloat : filt.numel() == s.E * 4 * s.F,
+              "give filt [E, 4F], or (float32) the in-kernel filter's codes, weight and scales");
   auto agg_s = at::empty({s.N, s.F}, qkv.options());
   auto agg_v = at::empty({s.N, 3, s.F}, qkv.options());
   auto u = at::empty({s.E, s.H}, qkv.options());
   auto cos = at::empty({s.E, s.H}, qkv.options());
   auto knorm = at::empty({s.E, s.H}, qkv.options());
+  at::Tensor rows = inf.on() ? at::empty({s.E, 4 * s.F}, qkv.options()) : filt;
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "edge_attention_forward", [&] {
-    forward_impl<scalar_t>(qkv.data_ptr<scalar_t>(), vin.data_ptr<scalar_t>(), filt.data_ptr<scalar_t>(),
+    // (filt is only read, except in the in-kernel mode, where rows is the new tensor)
+    forward_impl<scalar_t>(qkv.data_ptr<scalar_t>(), vin.data_ptr<scalar_t>(), rows.data_ptr<scalar_t>(),
                            env.data_ptr<scalar_t>(), unit.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), g, s,
                            normalize, agg_s.data_ptr<scalar_t>(), agg_v.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
-                           cos.data_ptr<scalar_t>(), knorm.data_ptr<scalar_t>());
+                           cos.data_ptr<scalar_t>(), knorm.data_ptr<scalar_t>(), inf);
   });
+  if (inf.on()) return {agg_s, agg_v, u, cos, knorm, rows};
   return {agg_s, agg_v, u, cos, knorm};
 }
 
@@ -450,9 +678,31 @@ std::vector<at::Tensor> edge_attention_backward(const at::Tensor& grad_s, const 
                                                 const at::Tensor& receiver, const at::Tensor& colptr,
                                                 const at::Tensor& sender_order, bool normalize,
                                                 const c10::optional<at::Tensor>& filt_col_scale, double tiny,
-                                                bool planar) {
+                                                bool planar, const c10::optional<at::Tensor>& filter_w_bwd,
+                                                double filter_step, double filter_qmax,
+                                                const c10::optional<at::Tensor>& filter_mask_x) {
   const Sizes s = check_inputs(qkv, vin, filt, env, unit, scale, rowptr, sender, receiver, colptr, sender_order);
   const Graph g = graph_of(rowptr, sender, receiver, colptr, sender_order);
+  TORCH_CHECK(filt.numel() == s.E * 4 * s.F, "filt must be [E, 4F]");
+  InKernelFilter inf;  // with filter_w_bwd: the filter's input-gradient GEMM in the kernel
+  at::Tensor dfeat;
+  if (filter_w_bwd.has_value()) {
+    TORCH_CHECK(filt_col_scale.has_value(), "the in-kernel input-gradient GEMM needs filt_col_scale (s_w)");
+    check(*filter_w_bwd, "filter_w_bwd", at::kChar);
+    TORCH_CHECK(filter_w_bwd->dim() == 3 && filter_w_bwd->size(0) == s.F && filter_w_bwd->size(2) == 4,
+                "filter_w_bwd must be W_q [4F, K] in the VNNI layout [F, K, 4]");
+    inf.K = filter_w_bwd->size(1);
+    inf.w_bwd = filter_w_bwd->data_ptr<int8_t>();
+    inf.step = static_cast<float>(filter_step);
+    inf.qmax = static_cast<float>(filter_qmax);
+    if (filter_mask_x.has_value()) {
+      check(*filter_mask_x, "filter_mask_x", at::kFloat);
+      TORCH_CHECK(filter_mask_x->numel() == s.E * inf.K, "filter_mask_x must be the edge features [E, K]");
+      inf.mask_x = filter_mask_x->data_ptr<float>();
+    }
+    dfeat = at::empty({s.E, inf.K}, qkv.options());
+    inf.dfeat = dfeat.data_ptr<float>();
+  }
   check(grad_s, "grad_s", qkv.scalar_type());
   check(grad_v, "grad_v", qkv.scalar_type());
   for (auto [t, name] : {std::pair{&u, "u"}, {&cos, "cos"}, {&knorm, "knorm"}}) {
@@ -467,8 +717,9 @@ std::vector<at::Tensor> edge_attention_backward(const at::Tensor& grad_s, const 
     TORCH_CHECK(qkv.scalar_type() == at::kFloat, "int8 filter-gradient codes need float32 inputs");
     check(*filt_col_scale, "filt_col_scale", at::kFloat);
     TORCH_CHECK(filt_col_scale->numel() == 4 * s.F, "filt_col_scale must have 4F entries");
-    codes = at::empty({2 * s.E, 4 * s.F}, qkv.options().dtype(at::kChar));
-    code_scale = at::empty({s.E}, qkv.options());
+    // (with the in-kernel filter the codes stay in each thread's scratch)
+    codes = at::empty({inf.grad_gemm() ? 0 : 2 * s.E, 4 * s.F}, qkv.options().dtype(at::kChar));
+    code_scale = at::empty({inf.grad_gemm() ? 0 : s.E}, qkv.options());
     fc = {filt_col_scale->data_ptr<float>(), static_cast<float>(tiny), planar, codes.data_ptr<int8_t>(),
           code_scale.data_ptr<float>()};
   }
@@ -490,18 +741,25 @@ std::vector<at::Tensor> edge_attention_backward(const at::Tensor& grad_s, const 
                                grad_s.data_ptr<scalar_t>(), grad_v.data_ptr<scalar_t>(), dlogit.data_ptr<scalar_t>(),
                                g, s, normalize, dqkv.data_ptr<scalar_t>(), dvin.data_ptr<scalar_t>(),
                                dfilt.data_ptr<scalar_t>(), denv.data_ptr<scalar_t>(), dunit.data_ptr<scalar_t>(),
-                               fc);
+                               fc, inf);
   });
   auto dscale = (dlogit * cos).sum(0);
-  if (!codes.defined()) codes = code_scale = at::empty({0}, qkv.options());
-  return {dqkv, dvin, dfilt, denv, dunit, dscale, codes, code_scale};
+  if (!codes.defined() || inf.grad_gemm()) codes = code_scale = at::empty({0}, qkv.options());
+  // with the in-kernel input-gradient GEMM, the third output is dL/d(edge features) [E, K]
+  return {dqkv, dvin, inf.grad_gemm() ? dfeat : dfilt, denv, dunit, dscale, codes, code_scale};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &edge_attention_forward, "fused per-edge attention of one layer: agg_s, agg_v, u, cos, knorm");
+  m.def("forward", &edge_attention_forward, "fused per-edge attention of one layer: agg_s, agg_v, u, cos, knorm",
+        py::arg("qkv"), py::arg("vin"), py::arg("filt"), py::arg("env"), py::arg("unit"), py::arg("scale"),
+        py::arg("rowptr"), py::arg("sender"), py::arg("receiver"), py::arg("colptr"), py::arg("sender_order"),
+        py::arg("normalize"), py::arg("filter_codes") = py::none(), py::arg("filter_w") = py::none(),
+        py::arg("filter_w_scale") = py::none(), py::arg("filter_step") = 1.0, py::arg("filter_qmax") = 127.0);
   m.def("backward", &edge_attention_backward, "first-order backward of forward (forces)", py::arg("grad_s"),
         py::arg("grad_v"), py::arg("qkv"), py::arg("vin"), py::arg("filt"), py::arg("env"), py::arg("unit"),
         py::arg("scale"), py::arg("u"), py::arg("cos"), py::arg("knorm"), py::arg("rowptr"), py::arg("sender"),
         py::arg("receiver"), py::arg("colptr"), py::arg("sender_order"), py::arg("normalize"),
-        py::arg("filt_col_scale") = py::none(), py::arg("tiny") = 1e-30, py::arg("planar") = false);
+        py::arg("filt_col_scale") = py::none(), py::arg("tiny") = 1e-30, py::arg("planar") = false,
+        py::arg("filter_w_bwd") = py::none(), py::arg("filter_step") = 1.0, py::arg("filter_qmax") = 127.0,
+        py::arg("filter_mask_x") = py::none());
 }

@@ -587,6 +587,58 @@ at::Tensor brgemm_rescale(const at::Tensor& codes, const at::Tensor& packed, con
   return out;
 }
 
+// The int8 input gradient with the quantization in the tiles: each tile's rows of
+// y = grad * w_scale are quantized per row (two limbs: quantize_per_row_limbs) into the
+// thread's scratch and go straight into the micro-kernel with W_q (packed [N/4, K, 4]), then
+// the rescale by the row scales and the STE mask of mask_x. Bit for bit what
+// quantize_per_row_limbs + brgemm_rescale give, without writing the codes to memory.
+at::Tensor brgemm_backward_int8(const at::Tensor& grad, const at::Tensor& w_scale, const at::Tensor& packed,
+                                const c10::optional<at::Tensor>& mask_x, double step, int64_t qmax, double tiny,
+                                int64_t limbs) {
+  check_float(grad, "grad");
+  check_float(w_scale, "w_scale");
+  const int64_t M = grad.size(0), N = grad.size(1), K = packed.size(1), L = limbs;
+  TORCH_CHECK(grad.dim() == 2 && packed.size(0) * 4 == N && w_scale.numel() == N,
+              "grad [M, N], w_scale [N] and W_q packed [N/4, K, 4] do not match");
+  RECORD_FUNCTION("qeq_int8_brgemm", std::vector<c10::IValue>({grad, packed}));
+  auto out = at::empty({M, K}, grad.options());
+  auto scale = at::empty({M}, grad.options());
+  auto p = make_args(scale.data_ptr<float>(), M, 1, M, K, c10::nullopt, c10::nullopt, mask_x, step, qmax);
+  set_limbs(p, limbs, 127);
+  const float* G = grad.data_ptr<float>();
+  const float* cs = w_scale.data_ptr<float>();
+  float* S = scale.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const auto* B = reinterpret_cast<const signed char*>(packed.data_ptr<int8_t>());
+  const float q = 127.0f, tf = static_cast<float>(tiny);
+  const int64_t T = kBrgemmRows;
+  at::parallel_for(0, (M + T - 1) / T, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(N);
+    std::vector<int8_t> codes(L * T * N);
+    std::vector<int32_t> acc(L * T * K);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t m0 = t * T, rows = std::min(T, M - m0);
+      for (int64_t i = 0; i < rows; ++i) {
+        multiply_span(G + (m0 + i) * N, cs, N, row.data());
+        const float s = std::max(abs_max(row.data(), N), tf) / q;
+        S[m0 + i] = s;
+        int8_t* c = codes.data() + L * i * N;
+        if (L == 1) {
+          quantize_span(row.data(), N, s, q, c);
+        } else {
+          quantize_span_limbs(row.data(), N, s, q, c, c + N);
+        }
+      }
+      const auto* A = reinterpret_cast<const signed char*>(codes.data());
+      for (int64_t l = 0; l < L; ++l)
+        at::native::cpublas::brgemm(rows, K, N, L * N, K, L * K, false, A + l * N, B, acc.data() + l * K, true);
+      for (int64_t i = 0; i < rows; ++i) rescale_output_row(acc.data() + L * i * K, m0 + i, K, p, O);
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------
 // Whole layers
 // ---------------------------------------------------------------------------------------
@@ -656,6 +708,7 @@ at::Tensor linear_backward_from_codes(const at::Tensor& codes, const at::Tensor&
 at::Tensor linear_backward_int8(const at::Tensor& grad, const at::Tensor& w_scale, const at::Tensor& w,
                                 const c10::optional<at::Tensor>& x, double step, int64_t qmax, double tiny,
                                 int64_t limbs, const c10::optional<at::Tensor>& packed) {
+  if (use_brgemm(packed)) return brgemm_backward_int8(grad, w_scale, *packed, x, step, qmax, tiny, limbs);
   const bool planar = use_onednn(packed, grad.size(0));
   auto [codes, scale] = quantize_per_row_limbs(grad, w_scale, 127, tiny, limbs, planar);
   return linear_backward_from_codes(codes, scale, w, x, step, qmax, limbs, packed);
@@ -750,6 +803,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return quantize_static_limbs(x, step, qmax, nullptr, planar);
   }, "two-limb int8 codes [2M, K] with a static step", py::arg("x"), py::arg("step"), py::arg("qmax"),
         py::arg("planar") = false);
+  m.def("quantize_static_limbs_clipped", [](const at::Tensor& x, double step, int64_t qmax) {
+    bool clipped = false;
+    auto codes = quantize_static_limbs(x, step, qmax, &clipped, false);
+    return std::make_tuple(codes, clipped);
+  }, "interleaved two-limb codes [2M, K] and whether some input was clipped");
   m.def("quantize_per_atom_limbs", &quantize_per_atom_limbs, "per-atom int8 codes, one or two limbs", py::arg("v"),
         py::arg("qmax"), py::arg("tiny"), py::arg("limbs"), py::arg("planar") = false);
   m.def("quantize_per_row", &quantize_per_row, "int8 codes with one dynamic scale per row");
