@@ -137,8 +137,11 @@ class EquivariantAttention(nn.Module):
         agg_s = agg_v = None
         for block in blocks:
             e = block.edges
-            part_s, part_v = filtered_edge_attention(qkv, v_in, edge_features[e], self.edge_filter, envelope[e],
-                                                     unit[e], scale, block.csr, self.normalize)
+            edge_tensors = (edge_features, envelope, unit)
+            if e.start != 0 or e.stop != envelope.shape[0]:  # (not sliced when whole: a slice's backward
+                edge_tensors = tuple(t[e] for t in edge_tensors)  # zero-fills and copies an [E, F] gradient)
+            part_s, part_v = filtered_edge_attention(qkv, v_in, edge_tensors[0], self.edge_filter, *edge_tensors[1:],
+                                                     scale, block.csr, self.normalize)
             agg_s = part_s if agg_s is None else agg_s + part_s
             agg_v = part_v if agg_v is None else agg_v + part_v
         return agg_s.to(qkv.dtype), agg_v.to(v_in.dtype)

@@ -53,11 +53,13 @@ Backward (forces): with the straight-through estimator the layer is linear in ``
 ``W_deq`` and an fp32 GEMM, exact with respect to the dequantized layer;
 ``backward="int8"`` quantizes ``g * s_w`` per row (in as many limbs as the layer's inputs)
 and reuses ``W_q`` (packed transposed for oneDNN) in the int8 GEMM. ``backward="auto"``
-(default) runs the int8 GEMM where the gradient arrives already quantized, and the float
-one elsewhere: the fused edge kernel writes the edge filters' gradient as two-limb int8
-codes (:func:`qeq_ase.edge_kernel.filtered_edge_attention`, :meth:`takes_gradient_codes`),
-so no quantization pass is added there, and the ``[E, 4F] x [4F, F]`` product, the largest
-of a call, runs in int8 (``docs/speed.md``).
+(default) runs the int8 GEMM where no separate quantization pass is needed, and the float
+one elsewhere: where the gradient arrives already quantized (the fused edge kernel writes
+the edge filters' gradient as two-limb int8 codes,
+:func:`qeq_ase.edge_kernel.filtered_edge_attention`, :meth:`takes_gradient_codes`; the
+``[E, 4F] x [4F, F]`` product, the largest of a call) and, with the brgemm GEMM and two-limb
+inputs, in every layer, whose tiles quantize their rows of ``g * s_w`` themselves
+(``docs/speed.md``).
 Double backward (``create_graph=True``) runs a differentiable float path that gives the
 same second derivatives as the fake-quantized QAT layer (the STE mask has zero derivative).
 
@@ -470,9 +472,9 @@ class _Int8LinearBase(nn.Module):
     @property
     def kernel(self) -> str:
         """What runs: GEMM, quantize/rescale kernels, backward GEMM (builds the C++ kernels)."""
-        backward = ("fp32 GEMM with the dequantized weight" if self.backward_kernel != "int8"
+        backward = ("fp32 GEMM with the dequantized weight" if not self._int8_backward()
                     else f"torch._int_mm with per-row {'two-limb ' if self.activation_limbs == 2 else ''}int8 gradients")
-        if self.takes_gradient_codes and self.backward_kernel == "auto":
+        if self.takes_gradient_codes and self.backward_kernel == "auto" and not self._int8_backward():
             backward += ("; the int8 GEMM on two-limb int8 gradient codes where a fused kernel hands them over "
                          "(edge filters)")
         gemm = "torch._int_mm (int8 x int8 -> int32)"
@@ -481,11 +483,19 @@ class _Int8LinearBase(nn.Module):
                     f"{ONEDNN_MIN_ROWS} rows or {ONEDNN_MIN_WIDTH} channels)")
         elif self.gemm == "brgemm" and self._packed_weights()[0].numel():
             gemm = "oneDNN brgemm micro-kernel (int8 x int8, AMX-INT8, tiles of 16 rows, rescale fused)"
-        if self.backward_kernel == "int8" and self.gemm in ("onednn", "brgemm"):
+        if self._int8_backward() and self.gemm in ("onednn", "brgemm"):
             backward = backward.replace("torch._int_mm", "the same int8 GEMM")
         if self.in_kernel_operands() is not None:
             gemm += "; as an edge filter, run inside the fused edge kernel (forward and input gradient)"
         return f"{gemm} + {self._ops().name} quantize/rescale; backward: {backward}"
+
+    def _int8_backward(self) -> bool:
+        """Whether the input gradient runs the int8 GEMM: ``backward="int8"``, or ``"auto"`` with
+        two-limb inputs and the brgemm GEMM on this layer's backward product (quantization fused
+        in its tiles; one-limb gradient codes would cost ~1% of the gradient)."""
+        if self.backward_kernel == "auto":
+            return self.activation_limbs == 2 and self.gemm == "brgemm" and self._packed_weights()[1].numel() > 0
+        return self.backward_kernel == "int8"
 
     def dequantized_weight(self) -> torch.Tensor:
         """``W_q * s_w`` as float32 ``[out, in]`` (cached; the effective weight of the layer)."""
@@ -511,7 +521,7 @@ class _Int8LinearBase(nn.Module):
         w_packed, w_t_packed = self._packed_weights()
         if x2d.requires_grad and torch.is_grad_enabled():
             return ops.int8_linear(x2d, w_t, w, w_deq, w_scale, bias, step, qmax, atom,
-                                   self.backward_kernel == "int8", limbs, w_packed, w_t_packed)
+                                   self._int8_backward(), limbs, w_packed, w_t_packed)
         if atom:  # no autograd node needed
             return ops.linear_atom_forward(x2d, qmax, TINY, w_t, w_scale, limbs, w_packed)
         return ops.linear_static_forward(x2d, step, qmax, w_t, w_scale, bias, limbs, w_packed)[0]
