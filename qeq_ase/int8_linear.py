@@ -15,7 +15,7 @@ stays in cache; oneDNN's int8 linear ``onednn::qlinear_pointwise`` on a weight p
 once by ``onednn::qlinear_prepack`` (AMX-INT8 tiles), whose epilogue applies the scales and
 the bias and whose "sum" post-op adds the lo limb's product; or (``"brgemm"``) oneDNN's
 batch-reduce GEMM micro-kernel (``at::native::cpublas::brgemm``, AMX-INT8 tiles) called from
-the C++ kernels on tiles of 16 rows, each tile's int32 result rescaled while it is in L1
+the C++ kernels on tiles of 16-32 rows, each tile's int32 result rescaled while it is in L1
 and the output written once (non-temporal stores for outputs of 8 MB and more).
 ``gemm="auto"`` picks brgemm where the CPU has AMX-INT8 (:func:`cpu_has_amx_int8`) and
 ``_int_mm`` elsewhere (the environment variable ``QEQ_INT8_GEMM`` overrides that choice):
@@ -482,7 +482,7 @@ class _Int8LinearBase(nn.Module):
             gemm = (f"oneDNN qlinear_pointwise (int8 x int8, AMX-INT8 where present; torch._int_mm below "
                     f"{ONEDNN_MIN_ROWS} rows or {ONEDNN_MIN_WIDTH} channels)")
         elif self.gemm == "brgemm" and self._packed_weights()[0].numel():
-            gemm = "oneDNN brgemm micro-kernel (int8 x int8, AMX-INT8, tiles of 16 rows, rescale fused)"
+            gemm = "oneDNN brgemm micro-kernel (int8 x int8, AMX-INT8, tiles of 16-32 rows, rescale fused)"
         if self._int8_backward() and self.gemm in ("onednn", "brgemm"):
             backward = backward.replace("torch._int_mm", "the same int8 GEMM")
         if self.in_kernel_operands() is not None:

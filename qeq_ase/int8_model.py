@@ -145,7 +145,7 @@ def set_backward_kernel(model: nn.Module, backward: str) -> nn.Module:
 def set_int8_gemm(model: nn.Module, gemm: str) -> nn.Module:
     """Choose the int8 GEMM of every int8 layer of ``model``; returns ``model``.
 
-    ``"brgemm"``: oneDNN's brgemm micro-kernel on tiles of 16 rows (AMX-INT8 tiles), the
+    ``"brgemm"``: oneDNN's brgemm micro-kernel on tiles of 16-32 rows (AMX-INT8 tiles), the
     rescale fused; ``"onednn"``: oneDNN's int8 linear (``qlinear_pointwise``, AMX-INT8);
     ``"int_mm"``: ``torch._int_mm`` (VNNI); ``"auto"`` (the default of every layer): brgemm
     where the CPU has AMX-INT8, else ``_int_mm``. brgemm and ``_int_mm`` give bit-identical

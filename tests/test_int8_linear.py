@@ -369,13 +369,15 @@ def two_threads():
 @needs_amx
 @pytest.mark.parametrize("limbs", [1, 2])
 def test_brgemm_and_int_mm_gemms_agree_bitwise(limbs, two_threads):
-    """The brgemm tiles (16 rows each, rescale fused, non-temporal stores from 8 MB of output
+    """The brgemm tiles (16-32 rows each, rescale fused, non-temporal stores from 8 MB of output
     on) give bit for bit the outputs and gradients of torch._int_mm + rescale: the same integer
     products, the same rescale. Row counts below, at and beyond one tile and beyond the
     streaming threshold; clipped inputs (STE mask); the int8 and the code-fed backward."""
     torch.manual_seed(13)
     for make, shapes in ((lambda: Int8ScalarLinear.from_qat(qat_scalar(N=40, clip=True), backward="int8"),
-                          [(1, 32), (16, 32), (37, 32), (60000, 32)]),
+                          [(1, 32), (16, 32), (37, 32), (70, 32)]),
+                         (lambda: Int8ScalarLinear.from_qat(qat_scalar(N=64, clip=True), backward="int8"),
+                          [(40000, 32)]),  # a 10 MB output, 64 wide: non-temporal stores
                          (lambda: Int8VectorLinear.from_qat(qat_vector(N=40), backward="int8"),
                           [(1, 3, 32), (37, 3, 32)])):
         a, b = make(), make()

@@ -180,7 +180,8 @@ struct InKernelFilter {
   bool grad_gemm() const { return w_bwd != nullptr; }      // backward: the input-gradient GEMM
 };
 
-constexpr int64_t kFilterRows = 16;  // edges per micro-kernel call
+constexpr int64_t kFilterRows = 16;  // edges per micro-kernel call (forward: 4F = 512 wide)
+constexpr int64_t kFilterGradRows = 32;  // ... in the input-gradient GEMM (K = 128 wide: 32 rows were faster)
 // Filter rows are computed for the edges of a run of whole nodes (a window) of at most this
 // many edges (or one node), so that most micro-kernel calls have kFilterRows rows: one call
 // per node (~14 edges) cost more in call overhead than the rows saved.
@@ -189,12 +190,13 @@ constexpr int64_t kWindowEdges = 128;
 // Scratch of one thread for InKernelFilter.
 struct FilterScratch {
   std::vector<int8_t> a;      // gathered input codes [2 kFilterRows, K]
-  std::vector<int32_t> acc;   // [2 kFilterRows, max(4F, K)]
+  std::vector<int32_t> acc;   // [2 kFilterRows, 4F] or [2 kFilterGradRows, K]
   std::vector<float> rows;     // filter rows of a window's edges [n, 4F] (forward)
   std::vector<int8_t> gcodes;  // gradient codes of a window's edges [2 n, 4F]
   std::vector<float> gscale;   // their row scales [deg]
   int64_t begin = 0, end = 0;  // the window: positions [begin, end) of the edge order (see window_end)
-  FilterScratch(int64_t K, int64_t F) : a(2 * kFilterRows * K), acc(2 * kFilterRows * std::max(4 * F, K)) {}
+  FilterScratch(int64_t K, int64_t F)
+      : a(2 * kFilterRows * K), acc(2 * std::max(kFilterRows * 4 * F, kFilterGradRows * K)) {}
 };
 
 // ptr[n1] for the last node n1 in (n, last] whose edges ptr[n] .. ptr[n1] number at most
@@ -252,8 +254,8 @@ void filter_rows(const InKernelFilter& f, int64_t n, int64_t F4, EdgeOf edge, bo
 template <typename EdgeOf>
 void filter_input_grad(const InKernelFilter& f, int64_t n, int64_t F4, EdgeOf edge, FilterScratch& w) {
   const int64_t K = f.K;
-  for (int64_t r0 = 0; r0 < n; r0 += kFilterRows) {
-    const int64_t rows = std::min(kFilterRows, n - r0);
+  for (int64_t r0 = 0; r0 < n; r0 += kFilterGradRows) {
+    const int64_t rows = std::min(kFilterGradRows, n - r0);
     const auto* a = reinterpret_cast<const signed char*>(w.gcodes.data() + 2 * r0 * F4);
     const auto* b = reinterpret_cast<const signed char*>(f.w_bwd);
     at::native::cpublas::brgemm(rows, K, F4, 2 * F4, K, 2 * K, false, a, b, w.acc.data(), true);
