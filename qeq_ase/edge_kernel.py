@@ -183,10 +183,11 @@ class _Int8FilterEdgeAttention(torch.autograd.Function):
     GEMM; the ``[E, 4F]`` float gradient is never stored, nor read again to be quantized.
 
     With the brgemm GEMM (``layer.in_kernel_operands()``) the kernel goes further: it
-    computes the filter rows itself from the edge features' int8 codes, a few edges at a
-    time, in the forward and again in both backward passes, and runs the layer's
-    input-gradient GEMM on each sender's gradient codes, so no ``[E, 4F]`` tensor exists at
-    all. Same arithmetic, same results (tested bit for bit).
+    computes the filter rows itself from the edge features' int8 codes, a window of edges at
+    a time, uses them while they are in cache and streams them to memory for the backward,
+    and its backward runs the layer's input-gradient GEMM on each window of senders'
+    gradient codes: no separate filter GEMM, no codes tensor. Same arithmetic, same results
+    (tested bit for bit).
     """
 
     @staticmethod

@@ -275,6 +275,9 @@ def resolve_gemm(gemm: str) -> str:
             raise ValueError(f"QEQ_INT8_GEMM must be one of {GEMMS}, not {gemm!r}")
     if gemm == "auto":
         gemm = "brgemm" if cpu_has_amx_int8() else "int_mm"
+    if gemm == "brgemm" and not cpu_has_amx_int8():
+        raise ValueError("the brgemm int8 GEMM needs a CPU with AMX-INT8 (no amx_int8 flag in /proc/cpuinfo); "
+                         "use gemm='int_mm'")
     return gemm
 
 

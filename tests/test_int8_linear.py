@@ -305,6 +305,15 @@ def test_two_limb_layers_are_close_to_the_float_layer_and_keep_the_gradient(back
         vector.set_activation_limbs(3)
 
 
+def gemm_pair(make, gemm_a: str, gemm_b: str, limbs: int):
+    """Two copies of the layer ``make()`` builds, with the two GEMMs and ``limbs`` input limbs."""
+    pair = make(), make()
+    for layer, gemm in zip(pair, (gemm_a, gemm_b)):
+        layer.set_gemm(gemm)
+        layer.set_activation_limbs(limbs)
+    return pair
+
+
 needs_onednn = pytest.mark.skipif(not hasattr(torch.ops.onednn, "qlinear_prepack"),
                                   reason="this torch build has no oneDNN int8 linear")
 
@@ -323,11 +332,7 @@ def test_onednn_and_int_mm_gemms_agree(limbs, backend):
                                                            backend=backend), (300, 32)),
                         (lambda: Int8VectorLinear.from_qat(qat_vector(N=40), backward="int8", backend=backend),
                          (100, 3, 32))):
-        a, b = make(), make()
-        a.set_gemm("int_mm")
-        b.set_gemm("onednn")
-        for layer in (a, b):
-            layer.set_activation_limbs(limbs)
+        a, b = gemm_pair(make, "int_mm", "onednn", limbs)
         assert "qlinear_pointwise" in b.kernel and "qlinear_pointwise" not in a.kernel
         for rows in (1, shape[0]):  # 1 row: below ONEDNN_MIN_ROWS, _int_mm runs in both
             x = torch.randn(rows, *shape[1:]) * 1.5
@@ -380,11 +385,7 @@ def test_brgemm_and_int_mm_gemms_agree_bitwise(limbs, two_threads):
                           [(40000, 32)]),  # a 10 MB output, 64 wide: non-temporal stores
                          (lambda: Int8VectorLinear.from_qat(qat_vector(N=40), backward="int8"),
                           [(1, 3, 32), (37, 3, 32)])):
-        a, b = make(), make()
-        a.set_gemm("int_mm")
-        b.set_gemm("brgemm")
-        for layer in (a, b):
-            layer.set_activation_limbs(limbs)
+        a, b = gemm_pair(make, "int_mm", "brgemm", limbs)
         assert "brgemm" in b.kernel and "brgemm" not in a.kernel
         for shape in shapes:
             x = torch.randn(*shape) * 1.5
@@ -407,6 +408,14 @@ def test_brgemm_and_int_mm_gemms_agree_bitwise(limbs, two_threads):
     codes, scale = layer._ops().quantize_per_row_limbs(g, layer.weight_scale, 127, layer.gradient_tiny, 2)
     ref = EagerKernels.linear_backward_from_codes(codes, scale, layer.weight_int8, x, layer.input_step_value, 127, 2)
     assert torch.equal(layer.input_grad_from_codes(codes, scale, x), ref)
+
+
+def test_brgemm_without_amx_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(int8_linear, "cpu_has_amx_int8", lambda: False)
+    monkeypatch.delenv("QEQ_INT8_GEMM", raising=False)
+    with pytest.raises(ValueError, match="brgemm int8 GEMM needs a CPU with AMX-INT8"):
+        int8_linear.resolve_gemm("brgemm")
+    assert int8_linear.resolve_gemm("auto") == "int_mm"
 
 
 def test_multithreaded_quantizers_and_rescale_agree_bitwise_with_eager(two_threads):

@@ -32,6 +32,9 @@
 // layer's weight scales s_w [4F], each edge's row y = dfilt[e] * s_w is written as two-limb
 // int8 codes with one scale per row, exactly as quantize_per_row_limbs of
 // qeq_ase/csrc/int8_kernels.cpp would write them, and no float [E, 4F] gradient is stored.
+// With the brgemm GEMM the filter layer itself runs in here (InKernelFilter below): the
+// forward computes the filter rows from the edge features' codes, the backward runs the
+// filter's input-gradient GEMM on the codes, both through oneDNN's brgemm micro-kernel.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
