@@ -142,8 +142,10 @@ def _forward(ctx, qkv, vin, filt, envelope, unit, scale, csr: EdgeCSR, normalize
     graph = (csr.rowptr, csr.sender, csr.receiver, csr.colptr, csr.sender_order)
     agg_s, agg_v, *saved = load_edge_kernel().forward(qkv, vin, filt, envelope, unit, scale, *graph, normalize,
                                                       **in_kernel)
-    if in_kernel:  # the kernel computed the filter rows: they are the backward's filt
-        filt = saved.pop()
+    if in_kernel:  # the kernel computed the filter rows (the backward's filt) from extra[0], its input
+        clipped, filt = bool(saved.pop()), saved.pop()
+        if not clipped:  # the input is kept only for LSQ's STE mask, when some was clipped
+            extra = (None,) + extra[1:]
     ctx.save_for_backward(qkv, vin, filt, envelope, unit, scale, *saved, *graph, *extra)
     ctx.normalize = normalize
     return agg_s, agg_v
@@ -183,7 +185,7 @@ class _Int8FilterEdgeAttention(torch.autograd.Function):
     GEMM; the ``[E, 4F]`` float gradient is never stored, nor read again to be quantized.
 
     With the brgemm GEMM (``layer.in_kernel_operands()``) the kernel goes further: it
-    computes the filter rows itself from the edge features' int8 codes, a window of edges at
+    quantizes the edge features and computes the filter rows itself, a window of edges at
     a time, uses them while they are in cache and streams them to memory for the backward,
     and its backward runs the layer's input-gradient GEMM on each window of senders'
     gradient codes: no separate filter GEMM, no codes tensor. Same arithmetic, same results
@@ -195,11 +197,8 @@ class _Int8FilterEdgeAttention(torch.autograd.Function):
         ctx.layer = layer
         ctx.in_kernel = layer.in_kernel_operands()
         if ctx.in_kernel is not None:
-            codes, clipped = layer.input_codes(edge_features)
-            empty = qkv.new_empty(0)
-            # the layer's input is kept only for LSQ's STE mask, when some input was clipped
-            return _forward(ctx, qkv, vin, empty, envelope, unit, scale, csr, normalize,
-                            edge_features if clipped else None, filter_codes=codes,
+            return _forward(ctx, qkv, vin, qkv.new_empty(0), envelope, unit, scale, csr, normalize, edge_features,
+                            filter_x=edge_features,
                             **{k: ctx.in_kernel[k] for k in ("filter_w", "filter_w_scale", "filter_step",
                                                              "filter_qmax")})
         filt, clipped = layer.forward_no_grad(edge_features)

@@ -551,10 +551,10 @@ class _Int8LinearBase(nn.Module):
         """What a fused kernel needs to compute this layer itself, or ``None`` where it cannot.
 
         With the brgemm GEMM, two-limb static inputs, no bias and the C++ kernels, the edge
-        kernel computes the edge filters from the input codes (:meth:`input_codes`) a few
-        edges at a time, with this layer's arithmetic, and runs its input-gradient GEMM on the
-        gradient codes (:mod:`qeq_ase.edge_kernel`); the returned tensors are the keyword
-        arguments of that kernel.
+        kernel quantizes this layer's input and computes its output a window of edges at a
+        time, with this layer's arithmetic, and runs its input-gradient GEMM on the gradient
+        codes (:mod:`qeq_ase.edge_kernel`); the returned values are keyword arguments of that
+        kernel.
         """
         if self.gemm != "brgemm" or not self.takes_gradient_codes or self.bias is not None:
             return None
@@ -563,12 +563,6 @@ class _Int8LinearBase(nn.Module):
             return None
         return {"filter_w": w_fwd, "filter_w_bwd": w_bwd, "filter_w_scale": self.weight_scale,
                 "filter_step": self.input_step_value, "filter_qmax": float(self.input_qmax)}
-
-    def input_codes(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """Interleaved two-limb codes ``[2M, in]`` of static inputs ``x [M, in]`` and whether any was clipped."""
-        codes, clipped = self._ops().quantize_static_limbs_clipped(x.contiguous(), self.input_step_value,
-                                                                   self.input_qmax)
-        return codes, bool(clipped)
 
     def forward_no_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """``(y, clipped)`` for static inputs, without an autograd node: ``clipped`` says

@@ -41,6 +41,7 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -160,7 +161,8 @@ struct FilterCodes {
 };
 
 // The INT8 edge filter inside the kernel. Forward: the filter rows of a window of receivers'
-// edges = rescale(two-limb codes of the edge features x W_q^T), through oneDNN's brgemm
+// edges = rescale(two-limb codes of the edge features x W_q^T), the codes made from the
+// window's rows of edge features as quantize_static_limbs does, through oneDNN's brgemm
 // micro-kernel (AMX-INT8), exactly the arithmetic of the filter layer's "brgemm" GEMM in
 // qeq_ase/csrc/int8_kernels.cpp, written to filt [E, 4F] for the backward and used while they
 // are in cache (the separate GEMM wrote them to memory and the kernel read them back).
@@ -169,7 +171,7 @@ struct FilterCodes {
 // the rows in the backward instead of storing them was measured slower: three brgemm passes
 // per layer cost more than reading the stored rows.)
 struct InKernelFilter {
-  const int8_t* codes = nullptr;  // [2E, K]: (hi, lo) rows of each edge's features on the layer's input grid
+  const float* x = nullptr;       // [E, K] the edge features (the filter layer's input)
   const int8_t* w_fwd = nullptr;  // W_q^T [K, 4F] in the VNNI layout [K/4, 4F, 4]
   const int8_t* w_bwd = nullptr;  // W_q [4F, K] in the VNNI layout [4F/4, K, 4] (backward)
   const float* w_scale = nullptr;  // s_w [4F]
@@ -179,7 +181,8 @@ struct InKernelFilter {
   int64_t K = 0;
   const float* mask_x = nullptr;  // [E, K] the edge features where some were clipped, else nullptr
   float* dfeat = nullptr;         // [E, K] the backward's output
-  bool on() const { return codes != nullptr; }             // forward: compute the rows
+  std::atomic<bool>* clipped = nullptr;  // forward: set when some x / step lay beyond +-qmax
+  bool on() const { return x != nullptr; }                 // forward: compute the rows
   bool grad_gemm() const { return w_bwd != nullptr; }      // backward: the input-gradient GEMM
 };
 
@@ -192,7 +195,7 @@ constexpr int64_t kWindowEdges = 128;
 
 // Scratch of one thread for InKernelFilter.
 struct FilterScratch {
-  std::vector<int8_t> a;      // gathered input codes [2 kFilterRows, K]
+  std::vector<int8_t> a;      // input codes of kFilterRows edges [2 kFilterRows, K] (hi, lo rows)
   std::vector<int32_t> acc;   // [2 kFilterRows, 4F] or [2 kFilterGradRows, K]
   std::vector<float> rows;     // filter rows of a window's edges [n, 4F] (forward)
   std::vector<int8_t> gcodes;  // gradient codes of a window's edges [2 n, 4F]
@@ -229,19 +232,36 @@ inline void rescale_limbs(const int32_t* __restrict hi, const int32_t* __restric
 
 #pragma GCC pop_options
 
-// out [n, 4F] = the filter rows of edges edge(0), ..., edge(n - 1) (contiguous: edge(r) = edge(0) + r).
-template <typename EdgeOf>
-void filter_rows(const InKernelFilter& f, int64_t n, int64_t F4, EdgeOf edge, bool contiguous, FilterScratch& w,
-                 float* out) {
+// The two limbs of y = clamp(x[k] / step, -q, q), as quantize_static_limbs in
+// qeq_ase/csrc/int8_kernels.cpp writes them: hi = round(y), lo = round((y - hi) * 2q).
+// Returns nonzero if some x[k] / step lay outside [-q, q].
+inline int32_t quantize_limbs(const float* __restrict x, int64_t n, float step, float q, int8_t* __restrict hi,
+                              int8_t* __restrict lo) {
+  int32_t clipped = 0;
+  const float L = 2.0f * q;
+#pragma omp simd reduction(| : clipped)
+  for (int64_t k = 0; k < n; ++k) {
+    const float y = x[k] / step;
+    clipped |= static_cast<int32_t>(y < -q) | static_cast<int32_t>(y > q);
+    const float yc = std::min(std::max(y, -q), q);
+    const float h = round_half_even(yc);
+    hi[k] = static_cast<int8_t>(static_cast<int32_t>(h));
+    lo[k] = static_cast<int8_t>(static_cast<int32_t>(round_half_even((yc - h) * L)));
+  }
+  return clipped;
+}
+
+// out [n, 4F] = the filter rows of edges e0 .. e0 + n - 1.
+inline void filter_rows(const InKernelFilter& f, int64_t e0, int64_t n, int64_t F4, FilterScratch& w, float* out) {
   const int64_t K = f.K;
+  int32_t clipped = 0;
   for (int64_t r0 = 0; r0 < n; r0 += kFilterRows) {
     const int64_t rows = std::min(kFilterRows, n - r0);
-    const int8_t* A = f.codes + 2 * edge(r0) * K;
-    if (!contiguous) {
-      for (int64_t i = 0; i < rows; ++i) std::memcpy(w.a.data() + 2 * i * K, f.codes + 2 * edge(r0 + i) * K, 2 * K);
-      A = w.a.data();
+    for (int64_t i = 0; i < rows; ++i) {
+      int8_t* hi = w.a.data() + 2 * i * K;
+      clipped |= quantize_limbs(f.x + (e0 + r0 + i) * K, K, f.step, f.qmax, hi, hi + K);
     }
-    const auto* a = reinterpret_cast<const signed char*>(A);
+    const auto* a = reinterpret_cast<const signed char*>(w.a.data());
     const auto* b = reinterpret_cast<const signed char*>(f.w_fwd);
     at::native::cpublas::brgemm(rows, F4, K, 2 * K, F4, 2 * F4, false, a, b, w.acc.data(), true);          // hi
     at::native::cpublas::brgemm(rows, F4, K, 2 * K, F4, 2 * F4, false, a + K, b, w.acc.data() + F4, true);  // lo
@@ -250,6 +270,7 @@ void filter_rows(const InKernelFilter& f, int64_t n, int64_t F4, EdgeOf edge, bo
       rescale_limbs(hi, hi + F4, F4, f.inv_lo, f.step, f.w_scale, out + (r0 + i) * F4);
     }
   }
+  if (clipped) f.clipped->store(true, std::memory_order_relaxed);
 }
 
 // dL/d(edge features) of edges edge(0..n-1) from their gradient codes [2n, 4F] (interleaved
@@ -344,7 +365,7 @@ const T* receiver_filter(T* filt, const InKernelFilter& inf, const Graph& g, con
         w.end = window_end(g.rowptr, i, last);
         const int64_t n = (w.end - w.begin) * 4 * s.F;
         w.rows.resize(n);
-        filter_rows(inf, w.end - w.begin, 4 * s.F, [e_i](int64_t r) { return e_i + r; }, true, w, w.rows.data());
+        filter_rows(inf, e_i, w.end - w.begin, 4 * s.F, w, w.rows.data());
         stream_copy(filt + e_i * 4 * s.F, w.rows.data(), n);
       }
       return w.rows.data() + (e_i - w.begin) * 4 * s.F;
@@ -612,20 +633,20 @@ void backward_senders(const T* qkv, const T* vin, const T* filt, const T* env, c
 }  // namespace
 
 // The in-kernel INT8 filter from its tensors (all absent: the stored filt is used).
-InKernelFilter make_filter(const Sizes& s, const c10::optional<at::Tensor>& codes, const c10::optional<at::Tensor>& w_fwd,
+InKernelFilter make_filter(const Sizes& s, const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& w_fwd,
                            const c10::optional<at::Tensor>& w_scale, double step, double qmax) {
   InKernelFilter f;
-  if (!codes.has_value()) return f;
+  if (!x.has_value()) return f;
   TORCH_CHECK(w_fwd.has_value() && w_scale.has_value(), "the in-kernel filter needs its packed weight and scales");
-  check(*codes, "filter_codes", at::kChar);
+  check(*x, "filter_x", at::kFloat);
   check(*w_fwd, "filter_w", at::kChar);
   check(*w_scale, "filter_w_scale", at::kFloat);
-  f.K = codes->size(1);
-  TORCH_CHECK(codes->dim() == 2 && codes->size(0) == 2 * s.E, "filter_codes must be the two-limb codes [2E, K]");
+  f.K = x->size(1);
+  TORCH_CHECK(x->dim() == 2 && x->size(0) == s.E, "filter_x must be the edge features [E, K]");
   TORCH_CHECK(w_fwd->dim() == 3 && w_fwd->size(0) * 4 == f.K && w_fwd->size(1) == 4 * s.F && w_fwd->size(2) == 4,
               "filter_w must be W_q^T [K, 4F] in the VNNI layout [K/4, 4F, 4]");
   TORCH_CHECK(w_scale->numel() == 4 * s.F, "filter_w_scale must have 4F entries");
-  f.codes = codes->data_ptr<int8_t>();
+  f.x = x->data_ptr<float>();
   f.w_fwd = w_fwd->data_ptr<int8_t>();
   f.w_scale = w_scale->data_ptr<float>();
   f.step = static_cast<float>(step);
@@ -637,22 +658,25 @@ InKernelFilter make_filter(const Sizes& s, const c10::optional<at::Tensor>& code
 // Returns agg_s [N, F], agg_v [N, 3, F] and, saved for the backward pass, u [E, H] (the
 // softmax weights before the envelope), cos [E, H] (cosines or dot products) and
 // knorm [E, H] (clamped filtered-key norms; 1 without normalisation); with the in-kernel
-// filter (filter_codes, filter_w, filter_w_scale given; filt empty) also the filter rows
-// filt [E, 4F] it computed, which the backward takes as filt.
+// filter (filter_x, filter_w, filter_w_scale given; filt empty) also the filter rows
+// filt [E, 4F] it computed, which the backward takes as filt, and whether some edge feature
+// was clipped (a bool tensor: the backward then needs filter_mask_x).
 std::vector<at::Tensor> edge_attention_forward(const at::Tensor& qkv, const at::Tensor& vin, const at::Tensor& filt,
                                                const at::Tensor& env, const at::Tensor& unit, const at::Tensor& scale,
                                                const at::Tensor& rowptr, const at::Tensor& sender,
                                                const at::Tensor& receiver, const at::Tensor& colptr,
                                                const at::Tensor& sender_order, bool normalize,
-                                               const c10::optional<at::Tensor>& filter_codes,
+                                               const c10::optional<at::Tensor>& filter_x,
                                                const c10::optional<at::Tensor>& filter_w,
                                                const c10::optional<at::Tensor>& filter_w_scale, double filter_step,
                                                double filter_qmax) {
   const Sizes s = check_inputs(qkv, vin, filt, env, unit, scale, rowptr, sender, receiver, colptr, sender_order);
   const Graph g = graph_of(rowptr, sender, receiver, colptr, sender_order);
-  const InKernelFilter inf = make_filter(s, filter_codes, filter_w, filter_w_scale, filter_step, filter_qmax);
+  InKernelFilter inf = make_filter(s, filter_x, filter_w, filter_w_scale, filter_step, filter_qmax);
+  std::atomic<bool> clipped{false};
+  inf.clipped = &clipped;
   TORCH_CHECK(inf.on() ? qkv.scalar_type() == at::kFloat : filt.numel() == s.E * 4 * s.F,
-              "give filt [E, 4F], or (float32) the in-kernel filter's codes, weight and scales");
+              "give filt [E, 4F], or (float32) the in-kernel filter's input, weight and scales");
   auto agg_s = at::empty({s.N, s.F}, qkv.options());
   auto agg_v = at::empty({s.N, 3, s.F}, qkv.options());
   auto u = at::empty({s.E, s.H}, qkv.options());
@@ -666,7 +690,7 @@ std::vector<at::Tensor> edge_attention_forward(const at::Tensor& qkv, const at::
                            normalize, agg_s.data_ptr<scalar_t>(), agg_v.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
                            cos.data_ptr<scalar_t>(), knorm.data_ptr<scalar_t>(), inf);
   });
-  if (inf.on()) return {agg_s, agg_v, u, cos, knorm, rows};
+  if (inf.on()) return {agg_s, agg_v, u, cos, knorm, rows, at::scalar_tensor(clipped.load(), at::kBool)};
   return {agg_s, agg_v, u, cos, knorm};
 }
 
@@ -758,7 +782,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &edge_attention_forward, "fused per-edge attention of one layer: agg_s, agg_v, u, cos, knorm",
         py::arg("qkv"), py::arg("vin"), py::arg("filt"), py::arg("env"), py::arg("unit"), py::arg("scale"),
         py::arg("rowptr"), py::arg("sender"), py::arg("receiver"), py::arg("colptr"), py::arg("sender_order"),
-        py::arg("normalize"), py::arg("filter_codes") = py::none(), py::arg("filter_w") = py::none(),
+        py::arg("normalize"), py::arg("filter_x") = py::none(), py::arg("filter_w") = py::none(),
         py::arg("filter_w_scale") = py::none(), py::arg("filter_step") = 1.0, py::arg("filter_qmax") = 127.0);
   m.def("backward", &edge_attention_backward, "first-order backward of forward (forces)", py::arg("grad_s"),
         py::arg("grad_v"), py::arg("qkv"), py::arg("vin"), py::arg("filt"), py::arg("env"), py::arg("unit"),

@@ -804,11 +804,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return quantize_static_limbs(x, step, qmax, nullptr, planar);
   }, "two-limb int8 codes [2M, K] with a static step", py::arg("x"), py::arg("step"), py::arg("qmax"),
         py::arg("planar") = false);
-  m.def("quantize_static_limbs_clipped", [](const at::Tensor& x, double step, int64_t qmax) {
-    bool clipped = false;
-    auto codes = quantize_static_limbs(x, step, qmax, &clipped, false);
-    return std::make_tuple(codes, clipped);
-  }, "interleaved two-limb codes [2M, K] and whether some input was clipped");
   m.def("quantize_per_atom_limbs", &quantize_per_atom_limbs, "per-atom int8 codes, one or two limbs", py::arg("v"),
         py::arg("qmax"), py::arg("tiny"), py::arg("limbs"), py::arg("planar") = false);
   m.def("quantize_per_row", &quantize_per_row, "int8 codes with one dynamic scale per row");
