@@ -201,8 +201,9 @@ struct FilterScratch {
   std::vector<int8_t> gcodes;  // gradient codes of a window's edges [2 n, 4F]
   std::vector<float> gscale;   // their row scales [deg]
   int64_t begin = 0, end = 0;  // the window: positions [begin, end) of the edge order (see window_end)
-  FilterScratch(int64_t K, int64_t F)
-      : a(2 * kFilterRows * K), acc(2 * std::max(kFilterRows * 4 * F, kFilterGradRows * K)) {}
+  // used = false (float path, no in-kernel filter): nothing is allocated
+  FilterScratch(int64_t K, int64_t F, bool used)
+      : a(used ? 2 * kFilterRows * K : 0), acc(used ? 2 * std::max(kFilterRows * 4 * F, kFilterGradRows * K) : 0) {}
 };
 
 // ptr[n1] for the last node n1 in (n, last] whose edges ptr[n] .. ptr[n1] number at most
@@ -234,6 +235,9 @@ inline void rescale_limbs(const int32_t* __restrict hi, const int32_t* __restric
 
 // The two limbs of y = clamp(x[k] / step, -q, q), as quantize_static_limbs in
 // qeq_ase/csrc/int8_kernels.cpp writes them: hi = round(y), lo = round((y - hi) * 2q).
+// Repeated (like quantize_row_limbs above) because the two extensions are built separately and
+// torch's build check does not follow shared headers; the in-kernel filter test checks that
+// the results agree bit for bit.
 // Returns nonzero if some x[k] / step lay outside [-q, q].
 inline int32_t quantize_limbs(const float* __restrict x, int64_t n, float step, float q, int8_t* __restrict hi,
                               int8_t* __restrict lo) {
@@ -381,7 +385,7 @@ void forward_impl(const T* qkv, const T* vin, T* filt, const T* env, const T* un
   const int64_t F = s.F, H = s.H, D = s.D;
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> qn(F), qnorm(H), logits, m(H), denom(H);
-    FilterScratch scratch(inf.K, F);
+    FilterScratch scratch(inf.K, F, inf.on());
     for (int64_t i = begin; i < end; ++i) {
       T* as = agg_s + i * F;
       T* av = agg_v + i * 3 * F;
@@ -515,7 +519,7 @@ void backward_senders(const T* qkv, const T* vin, const T* filt, const T* env, c
   const int64_t F = s.F, H = s.H, D = s.D;
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> row(fc.col_scale ? 4 * F : 0);  // one edge's filter gradient, int8 mode
-    FilterScratch scratch(inf.K, F);
+    FilterScratch scratch(inf.K, F, inf.grad_gemm());
     // dL/d(edge features) of the window's edges from their gradient codes, once all are written
     auto flush_input_grad = [&](FilterScratch& w) {
       if constexpr (std::is_same_v<T, float>) {
