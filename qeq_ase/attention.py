@@ -24,7 +24,7 @@ Either way the envelope makes the weights vanish smoothly at ``r_c``.
 Given :class:`~qeq_ase.edge_kernel.EdgeBlock` s (inference, softmax attention) the per-edge
 work between the GEMMs runs in the fused C++ kernel of :mod:`qeq_ase.edge_kernel`, one block
 of edges at a time; without them (training, or ``QEQ_EDGE_BACKEND=eager``) it runs as the
-eager ops below.
+eager ops below; so does the node update that closes the layer (:mod:`qeq_ase.node_update`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from torch import nn
 
 from .edge_kernel import EdgeBlock, filtered_edge_attention
 from .layers import LayerFactory
+from .node_update import node_update
 
 
 def scatter_sum(src: torch.Tensor, index: torch.Tensor, dim_size: int) -> torch.Tensor:
@@ -116,20 +117,21 @@ class EquivariantAttention(nn.Module):
         s_in = self.scalar_in(self.norm(s))
         v_in = self.vector_in(v)
         qkv = self.qkv(s_in)
-        v1, v2, v3 = self.vector_mix(v_in).split(F, dim=-1)
+        vm = self.vector_mix(v_in)
         if blocks and self.activation == "softmax":  # (no edges at all: the eager ops, on empty tensors)
             agg_s, agg_v = self._fused_messages(qkv, v_in, edge_features, envelope, unit, blocks)
         else:
             agg_s, agg_v = self._messages(qkv, v_in, self.edge_filter(edge_features), edge_index, envelope, unit)
-        agg_s = self.scalar_out(agg_s)
-
-        o1, o2, o3 = self.out(agg_s).split(F, dim=-1)
-        ds = (v1 * v2).sum(dim=1) * o2 + o3
-        dv = v3 * o1[:, None, :] + agg_v
-        s = s + ds
+        o = self.out(self.scalar_out(agg_s))
+        if blocks is not None:  # the fused inference path: one C++ pass (qeq_ase/node_update.py)
+            s, v = node_update(s, v, vm, o, agg_v)
+        else:
+            (v1, v2, v3), (o1, o2, o3) = vm.split(F, dim=-1), o.split(F, dim=-1)
+            s = s + ((v1 * v2).sum(dim=1) * o2 + o3)
+            v = v + (v3 * o1[:, None, :] + agg_v)
         if self.feed_forward:
             s = s + self.ffn_out(nn.functional.silu(self.ffn_hidden(self.ffn_in(self.ffn_norm(s)))))
-        return s, v + dv
+        return s, v
 
     def _fused_messages(self, qkv, v_in, edge_features, envelope, unit, blocks: list[EdgeBlock]):
         """The fused kernel, block by block of edges (the edge GEMM too, so no [E, 4F] tensor is whole)."""

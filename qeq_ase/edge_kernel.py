@@ -27,6 +27,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .cpp_extension import CSRC, OPENMP_FLAGS, LazyExtension
+from .node_update import load_node_update_kernel
 
 EXTENSION_NAME = "qeq_edge_attention"
 # OpenMP: the kernel's at::parallel_for loops run on torch's threads (-fopenmp also enables the
@@ -52,6 +53,7 @@ def edge_backend() -> str:
         return "eager"
     try:
         load_edge_kernel()
+        load_node_update_kernel()  # the fused path's node update (qeq_ase/node_update.py)
     except RuntimeError as err:
         if choice == "cpp":
             raise

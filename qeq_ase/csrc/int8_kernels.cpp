@@ -575,9 +575,9 @@ at::Tensor brgemm_rescale(const at::Tensor& codes, const at::Tensor& packed, con
     std::vector<int32_t> acc(L * T * N);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t m0 = t * T, rows = std::min(T, M - m0);
-      for (int64_t l = 0; l < L; ++l)  // limb l of row i: codes row L (m0 + i) + l, acc row L i + l
-        at::native::cpublas::brgemm(rows, N, K, L * K, N, L * N, false, A + (L * m0 + l) * K, B,
-                                    acc.data() + l * N, true);
+      // limb l of row i: codes row L (m0 + i) + l, acc row L i + l; all limbs in one call, so
+      // the micro-kernel loads B once for them (as in the edge kernel's in-kernel filter)
+      at::native::cpublas::brgemm(L * rows, N, K, K, N, N, false, A + L * m0 * K, B, acc.data(), true);
       for (int64_t i = 0; i < rows; ++i) rescale_output_row(acc.data() + L * i * N, m0 + i, N, p, O, streaming);
     }
     at::native::cpublas::brgemm_release(true);
@@ -631,8 +631,7 @@ at::Tensor brgemm_backward_int8(const at::Tensor& grad, const at::Tensor& w_scal
         }
       }
       const auto* A = reinterpret_cast<const signed char*>(codes.data());
-      for (int64_t l = 0; l < L; ++l)
-        at::native::cpublas::brgemm(rows, K, N, L * N, K, L * K, false, A + l * N, B, acc.data() + l * K, true);
+      at::native::cpublas::brgemm(L * rows, K, N, N, K, K, false, A, B, acc.data(), true);  // all limbs at once
       for (int64_t i = 0; i < rows; ++i) rescale_output_row(acc.data() + L * i * K, m0 + i, K, p, O);
     }
     at::native::cpublas::brgemm_release(true);
