@@ -29,18 +29,12 @@ class _NormalisedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.randn(out_features, in_features))
-        self._frozen_weight: tuple | None = None  # (key, W / sqrt(in)) of a weight that needs no grad
 
     def effective_weight(self) -> torch.Tensor:
-        w = self.weight
-        if w.requires_grad:
-            return w / math.sqrt(self.in_features)
-        # Inference (the calculator freezes its copy): divide once, not on every call. The key
-        # changes with any in-place update, a new storage, dtype or device.
-        key = (w._version, w.data_ptr(), w.dtype, w.device)
-        if self._frozen_weight is None or self._frozen_weight[0] != key:
-            self._frozen_weight = (key, w / math.sqrt(self.in_features))
-        return self._frozen_weight[1]
+        # Recomputed on every call. A cache keyed on the weight's version counter misses updates
+        # made through ``weight.data``, and on CUDA it evaluated an EMA model with stale weights
+        # (docs/training.md, "Training on a GPU"). The divide is a small fraction of a call.
+        return self.weight / math.sqrt(self.in_features)
 
 
 class ScalarLinear(_NormalisedLinear):

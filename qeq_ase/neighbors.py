@@ -234,7 +234,8 @@ def molecule_edges(
             None for a single molecule. No edge joins two molecules.
         method: ``"auto"``, ``"brute_force"``, ``"torch_cluster"`` or ``"matscipy"``; all
             give the same set of edges. ``"auto"`` takes the dense path for at most
-            :data:`AUTO_DENSE_MAX_ATOMS` atoms and :data:`AUTO_LARGE_METHOD` above.
+            :data:`AUTO_DENSE_MAX_ATOMS` atoms (and always on a GPU) and
+            :data:`AUTO_LARGE_METHOD` above.
     """
     if method not in METHODS:
         raise ValueError(f"unknown neighbour-list method {method!r}; use one of {', '.join(map(repr, METHODS))}")
@@ -245,7 +246,8 @@ def molecule_edges(
     if n == 0:
         return torch.empty(2, 0, dtype=torch.long, device=positions.device)
     if method == "auto":
-        if n <= AUTO_DENSE_MAX_ATOMS:
+        # On an accelerator the dense path stays on the device (matscipy would copy to the host).
+        if n <= AUTO_DENSE_MAX_ATOMS or positions.device.type != "cpu":
             method = "brute_force"
         elif AUTO_LARGE_METHOD == "torch_cluster" and not HAVE_TORCH_CLUSTER:
             method = "matscipy"

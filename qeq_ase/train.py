@@ -13,7 +13,8 @@ epochs (branch-separated QAT: vectors after a warm-up). ``best.pt`` then holds t
 weights (``precision: "qat"``), which ``qeq-export --int8`` turns into a real INT8 file.
 
 Files in ``output_dir``: ``last.pt`` (resumable state), ``best.pt`` (potential file, best
-validation EMA weights), ``log.csv``, ``config.yaml``.
+validation EMA weights), ``final.pt`` (potential file, the EMA weights at the end of the
+budget), ``log.csv``, ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -317,6 +318,7 @@ class Trainer:
             if new_log:
                 log.writerow(["epoch", "elapsed_min", "lr", "train_loss", "val_energy_mae_meV",
                               "val_forces_mae_meV_per_A"])
+            errors = None
             while self.progress() < 1.0:
                 train_loss = self.train_epoch()
                 errors = evaluate(self.ema.model, self.val)
@@ -328,12 +330,15 @@ class Trainer:
                 score = f_mae + e_mae  # meV/Å + meV: both errors matter for MD
                 if score < self.best and self._fully_quantized():
                     self.best = score
-                    self._save_best(errors)
+                    self._save_potential("best.pt", errors)
                 self._save_checkpoint()
                 print(f"epoch {self.epoch:4d}  {self.elapsed_s / 60:6.1f} min  lr {lr:.2e}  loss {train_loss:.4g}  "
                       f"val E {e_mae:.2f} meV  F {f_mae:.2f} meV/Å", file=sys.stderr, flush=True)
 
-    def _save_best(self, val_errors: dict) -> None:
+            if errors is not None:
+                self._save_potential("final.pt", errors)
+
+    def _save_potential(self, name: str, val_errors: dict) -> None:
         metadata = {
             "training_data": self.data_info, "validation_errors": val_errors,
             "epochs": self.epoch, "training_minutes": round(self.elapsed_s / 60, 1),
@@ -343,7 +348,7 @@ class Trainer:
             from .qat import quantization_state
 
             metadata["quantization"] = {**asdict(self.quant), "state": quantization_state(self.ema.model)}
-        save_potential(self.out / "best.pt", self.ema.model, metadata, precision="qat" if self.quant else "fp32")
+        save_potential(self.out / name, self.ema.model, metadata, precision="qat" if self.quant else "fp32")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -81,6 +81,12 @@ def test_training_reduces_error_and_resumes(tmp_path, rmd17_dir):
     assert payload["precision"] == "fp32"
     assert payload["metadata"]["training_data"]["file"] == "rmd17_ethanol_train_01.npz"
     assert yaml.safe_load(open(f"{cfg.output_dir}/config.yaml"))["max_epochs"] == 3
+    final = read_potential_file(f"{cfg.output_dir}/final.pt")  # the EMA weights of the last epoch
+    assert final["metadata"]["epochs"] == 3
+    assert final["metadata"]["validation_errors"]["forces_mae_meV_per_A"] == pytest.approx(
+        float(rows[-1]["val_forces_mae_meV_per_A"]), abs=1e-3)
+    for name, value in trainer.ema.model.state_dict().items():
+        torch.testing.assert_close(final["state_dict"][name], value, rtol=0, atol=0)
 
 
 def test_qat_fine_tune_switches_branches_on_separately(tmp_path, rmd17_dir):
