@@ -189,8 +189,12 @@ def test_linear_layers_follow_every_weight_update():
         layer.requires_grad_(False)
         first = layer.effective_weight().clone()
         torch.testing.assert_close(first, layer.weight / 8 ** 0.5)
-        layer.weight.data.mul_(2.0)  # no version bump
+        with torch.no_grad():
+            layer.weight.mul_(2.0)  # in place: a new version
         torch.testing.assert_close(layer.effective_weight(), 2 * first)
+        layer.weight.data.mul_(0.5)  # no version bump
+        torch.testing.assert_close(layer.effective_weight(), first)
+        layer.weight.data.mul_(2.0)
         with torch.no_grad():
             torch._foreach_lerp_([layer.weight], [torch.zeros_like(layer.weight)], 0.5)
         torch.testing.assert_close(layer.effective_weight(), first)
