@@ -65,7 +65,13 @@ class ModelConfig:
 
 
 class NeighborEmbedding(nn.Module):
-    """``s_i = W [e(z_i), sum_j C(r_ij) R(r_ij) * e'(z_j)]``: who the neighbours are, before any layer."""
+    """``s_i = W [e(z_i), sum_j C(r_ij) R(r_ij) * e'(z_j)]``: who the neighbours are, before any layer.
+
+    ``R`` is linear in the radial basis ``b``: ``R(r) = A b(r) + c``. So the sum over
+    neighbours is taken first, per receiver and neighbour element, over the ``K + 1`` numbers
+    ``C [b, 1]`` of each edge, and ``A``, ``c`` and ``e'`` are applied once per node and
+    element: the same sum, with ``[E, K + 1]`` rather than ``[E, F]`` tensors on the edges.
+    """
 
     def __init__(self, num_species: int, num_features: int, num_radial: int, factory: LayerFactory):
         super().__init__()
@@ -77,9 +83,13 @@ class NeighborEmbedding(nn.Module):
     def forward(self, s: torch.Tensor, species: torch.Tensor, edge_index: torch.Tensor,
                 basis: torch.Tensor, envelope: torch.Tensor) -> torch.Tensor:
         sender, receiver = edge_index
-        filt = self.radial(basis) * envelope[:, None]
-        neighbors = scatter_sum(filt * self.embedding(torch.index_select(species, 0, sender)), receiver, s.shape[0])
-        return self.combine(self.combine_in(torch.cat([s, neighbors], dim=-1)))
+        num_nodes, num_species = s.shape[0], self.embedding.num_embeddings
+        terms = torch.cat([basis, torch.ones_like(basis[:, :1])], dim=-1) * envelope[:, None]   # [E, K + 1]
+        slot = receiver * num_species + torch.index_select(species, 0, sender)  # (receiver, sender's element)
+        sums = scatter_sum(terms, slot, num_nodes * num_species).view(num_nodes, num_species, -1)
+        radial = torch.cat([self.radial.weight.t(), self.radial.bias[None]], dim=0)          # [K + 1, F]
+        neighbors = (torch.matmul(sums, radial) * self.embedding.weight).sum(dim=1)        # [N, F]
+        return self.combine(self.combine_in(torch.cat([s, neighbors.to(s.dtype)], dim=-1)))
 
 
 class QEqModel(nn.Module):

@@ -304,6 +304,12 @@ void filter_input_grad(const InKernelFilter& f, int64_t n, int64_t F4, EdgeOf ed
   }
 }
 
+// Asks for the cache lines of [p, p + bytes) to be loaded (a hint; no effect on results).
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
+}
+
 // q / max(|q|, eps) per head of one node; returns nothing, fills qn and the clamped norms.
 template <typename T>
 inline void normalize_heads(const T* __restrict q, T* __restrict qn, T* __restrict qnorm, int64_t H, int64_t D) {
@@ -528,6 +534,7 @@ void backward_senders(const T* qkv, const T* vin, const T* filt, const T* env, c
       }
       w.begin = w.end = 0;
     };
+    const int64_t last_edge = g.colptr[end];
     for (int64_t j = begin; j < end; ++j) {
       T* dk = dqkv + j * 5 * F + F;  // k and the three value parts, 4F columns
       T* dvj = dvin + j * 3 * F;
@@ -546,6 +553,15 @@ void backward_senders(const T* qkv, const T* vin, const T* filt, const T* env, c
       }
       for (int64_t o = c0; o < c0 + out_deg; ++o) {
         const int64_t e = g.sender_order[o], i = g.receiver[e];
+        if (o + 1 < last_edge) {  // the next edge's rows lie anywhere in memory: fetch them while this one runs
+          const int64_t e_next = g.sender_order[o + 1];
+          const int64_t i_next = g.receiver[e_next];
+          prefetch(filt + e_next * 4 * F, 4 * F * sizeof(T));
+          prefetch(gv + i_next * 3 * F, 3 * F * sizeof(T));
+          prefetch(gs + i_next * F, F * sizeof(T));
+          if (normalize) prefetch(qn_all + i_next * F, F * sizeof(T));
+          for (const T* per_edge : {u_in, knorm, dlogit}) prefetch(per_edge + e_next * H, H * sizeof(T));
+        }
         const T c = env[e];
         const T* kf = filt + e * 4 * F;
         const T* vf = kf + F;
