@@ -16,7 +16,7 @@ from torch import nn
 from .attention import EquivariantAttention, scatter_sum
 from .edge_kernel import edge_backend, edge_blocks, receiver_order
 from .layers import LayerFactory
-from .radial import RadialBasis, cosine_cutoff
+from .radial import RADIAL_BASES, cosine_cutoff
 
 
 @dataclass
@@ -29,7 +29,9 @@ class ModelConfig:
         num_features: channels ``F`` of both the scalar and the vector features.
         num_layers: interaction (attention) layers.
         num_heads: attention heads (``F`` must be divisible by it).
-        num_radial: Bessel radial basis functions.
+        num_radial: radial basis functions.
+        radial_basis: ``"bessel"`` (``sin(n pi r / r_c) / r``) or ``"expnorm"`` (exponential-normal
+            functions, as in TorchMD-Net); see ``radial``.
         attention_normalization: cosine attention with a learned temperature (True) or
             plain scaled dot-product logits (False, for ablations).
         temperature: initial attention temperature (normalised attention only).
@@ -46,6 +48,7 @@ class ModelConfig:
     num_layers: int = 4
     num_heads: int = 8
     num_radial: int = 32
+    radial_basis: str = "bessel"
     attention_normalization: bool = True
     temperature: float = 0.2
     attention_activation: str = "softmax"
@@ -110,7 +113,9 @@ class QEqModel(nn.Module):
         z_to_index[torch.tensor(config.species)] = torch.arange(len(config.species))
         self.register_buffer("z_to_index", z_to_index, persistent=False)
         self.embedding = nn.Embedding(len(config.species), F)
-        self.radial_basis = RadialBasis(config.cutoff, config.num_radial)
+        if config.radial_basis not in RADIAL_BASES:
+            raise ValueError(f"radial_basis must be one of {sorted(RADIAL_BASES)}, not {config.radial_basis!r}")
+        self.radial_basis = RADIAL_BASES[config.radial_basis](config.cutoff, config.num_radial)
         self.radial_embedding = nn.Linear(config.num_radial, F)  # K = num_radial: kept in float
         self.neighbor_embedding = (NeighborEmbedding(len(config.species), F, config.num_radial, factory)
                                    if config.neighbor_embedding else None)

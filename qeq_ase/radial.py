@@ -36,3 +36,26 @@ class RadialBasis(nn.Module):
 
     def extra_repr(self) -> str:
         return f"cutoff={self.cutoff} Å, num_basis={self.num_basis}"
+
+
+class ExpNormalBasis(nn.Module):
+    """``num_basis`` exponential-normal functions ``exp(-beta (exp(-alpha r) - mu_k)^2)`` (PhysNet,
+    TorchMD-Net), ``alpha = 5 / cutoff``, the ``mu_k`` evenly spaced on ``[exp(-5), 1]``: finer
+    resolution at short distances, where bonds are. Fixed, not trained."""
+
+    def __init__(self, cutoff: float, num_basis: int):
+        super().__init__()
+        self.cutoff, self.num_basis = float(cutoff), int(num_basis)
+        self.alpha = 5.0 / self.cutoff
+        start = math.exp(-self.alpha * self.cutoff)
+        self.register_buffer("means", torch.linspace(start, 1.0, self.num_basis), persistent=False)
+        self.beta = (2.0 / self.num_basis * (1.0 - start)) ** -2
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        return torch.exp(-self.beta * (torch.exp(-self.alpha * r)[:, None] - self.means.to(r.dtype)) ** 2)
+
+    def extra_repr(self) -> str:
+        return f"cutoff={self.cutoff} Å, num_basis={self.num_basis}"
+
+
+RADIAL_BASES = {"bessel": RadialBasis, "expnorm": ExpNormalBasis}

@@ -47,6 +47,7 @@ VARIANTS = {
     "cosine-silu+neighbour-embedding": {"attention_activation": "silu", "neighbor_embedding": True},
     "dot-silu": {"attention_normalization": False, "attention_activation": "silu"},
     "no-feed-forward": {"feed_forward": False, "neighbor_embedding": True},
+    "expnorm-basis": {"radial_basis": "expnorm", "neighbor_embedding": True},
 }
 
 
@@ -106,6 +107,28 @@ def test_energy_and_forces_are_smooth_at_the_cutoff(variant):
         assert np.abs(forces).max() < 50 * gap
     energy_out, forces_out = predict(model, numbers, np.array([[0.0, 0, 0], [cutoff + 1e-4, 0, 0]]))
     assert energy_out == far_energy and np.abs(forces_out).max() == 0.0
+
+
+def test_neighbour_embedding_equals_its_per_edge_sum():
+    """The per-node sums of NeighborEmbedding give sum_j C(r_ij) R(r_ij) * e'(z_j), edge by edge."""
+    model = tiny_model(neighbor_embedding=True)
+    embedding = model.neighbor_embedding
+    generator = torch.Generator().manual_seed(3)
+    num_nodes, num_edges = 30, 200
+    species = torch.randint(0, 3, (num_nodes,), generator=generator)
+    edge_index = torch.randint(0, num_nodes, (2, num_edges), generator=generator)
+    basis = torch.randn(num_edges, 8, dtype=torch.float64, generator=generator)
+    envelope = torch.rand(num_edges, dtype=torch.float64, generator=generator)
+    s = torch.randn(num_nodes, 16, dtype=torch.float64, generator=generator)
+    per_edge = embedding.radial(basis) * envelope[:, None] * embedding.embedding(species[edge_index[0]])
+    neighbors = torch.zeros(num_nodes, 16, dtype=torch.float64).index_add_(0, edge_index[1], per_edge)
+    expected = embedding.combine(embedding.combine_in(torch.cat([s, neighbors], dim=-1)))
+    torch.testing.assert_close(embedding(s, species, edge_index, basis, envelope), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_unknown_radial_basis_is_refused():
+    with pytest.raises(ValueError, match="radial_basis"):
+        tiny_model(radial_basis="gaussian")
 
 
 def test_isolated_atom_and_empty_neighbourhood_are_finite():
