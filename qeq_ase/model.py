@@ -92,7 +92,7 @@ class NeighborEmbedding(nn.Module):
         sums = scatter_sum(terms, slot, num_nodes * num_species).view(num_nodes, num_species, -1)
         radial = torch.cat([self.radial.weight.t(), self.radial.bias[None]], dim=0)          # [K + 1, F]
         neighbors = (torch.matmul(sums, radial) * self.embedding.weight).sum(dim=1)        # [N, F]
-        return self.combine(self.combine_in(torch.cat([s, neighbors.to(s.dtype)], dim=-1)))
+        return self.combine(self.combine_in(torch.cat([s, neighbors], dim=-1)))
 
 
 class QEqModel(nn.Module):

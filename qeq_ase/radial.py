@@ -52,7 +52,7 @@ class ExpNormalBasis(nn.Module):
         self.beta = (2.0 / self.num_basis * (1.0 - start)) ** -2
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
-        return torch.exp(-self.beta * (torch.exp(-self.alpha * r)[:, None] - self.means.to(r.dtype)) ** 2)
+        return torch.exp(-self.beta * (torch.exp(-self.alpha * r)[:, None] - self.means) ** 2)
 
     def extra_repr(self) -> str:
         return f"cutoff={self.cutoff} Å, num_basis={self.num_basis}"
