@@ -28,8 +28,9 @@ from .dataset import load_frames
 from .export import export_potential
 from .train import Trainer, TrainConfig
 
-#: The architecture and float recipe of the shipped potentials (configs/aspirin_fp32.yaml),
-#: with the learning rate the A/B of docs/training.md favours.
+#: The architecture and float recipe of configs/aspirin_fp32.yaml, with the learning rate the A/B
+#: of docs/training.md favours: what trained the nine shipped non-aspirin potentials. The shipped
+#: aspirin file came from energy weight 0.01 and the expnorm basis (configs/aspirin_fp32_expnorm.yaml).
 FP32_RECIPE: dict = {
     "n_val": 50,
     "model": {"cutoff": 5.0, "num_features": 128, "num_layers": 4, "num_heads": 8, "num_radial": 16,
