@@ -92,11 +92,12 @@ def test_shipped_potential_reproduces_recorded_test_errors(name):
     assert measured["energy_mae_meV"] == pytest.approx(recorded["energy_mae_meV"], rel=energy_rel, abs=1e-3)
     if is_int8_model(model) and resolve_gemm("auto") != recorded_gemm:
         # the other GEMM rounds the scaled outputs differently, which moves fine-grid input
-        # codes that sit on a rounding boundary: measured up to 0.3% on the energy MAE
+        # codes that sit on a rounding boundary: measured up to 0.3% on the energy MAE, and on
+        # benzene_int8 (MAE 0.49 meV) 9 µeV = 1.8%, hence the absolute floor of 20 µeV
         set_int8_gemm(model, "auto")
         other = errors()
         assert other["forces_mae_meV_per_A"] == pytest.approx(recorded["forces_mae_meV_per_A"], rel=1e-2)
-        assert other["energy_mae_meV"] == pytest.approx(recorded["energy_mae_meV"], rel=1e-2)
+        assert other["energy_mae_meV"] == pytest.approx(recorded["energy_mae_meV"], rel=1e-2, abs=0.02)
 
 
 def shipped_molecules() -> list[str]:
