@@ -60,7 +60,7 @@ def check_batch(potential: str, frames, device: str) -> None:
 def check_ema_and_validation(config: str, device: str, epochs: int) -> None:
     cfg = TrainConfig.from_yaml(config)
     cfg.device, cfg.output_dir, cfg.time_budget_min = device, "runs/device_training_check", 600
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overwrite=True)  # a scratch folder
     shadow = [p.detach().double().cpu().clone() for p in trainer.ema.model.parameters()]
     update = trainer.ema.update
 

@@ -26,7 +26,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = TrainConfig.from_yaml(args.config)
     cfg.output_dir = "runs/_speed_benchmark"
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overwrite=True)  # a scratch folder
     model, rng = trainer.model, np.random.default_rng(0)
     times = []
     for step in range(args.steps + 2):

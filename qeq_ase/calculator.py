@@ -21,6 +21,13 @@ Periodic cells are supported: edges and image shifts come from
 :func:`qeq_ase.neighbors.periodic_edges`. A molecule in a box larger than the cutoff plus
 its extent therefore has the same energy with and without periodic boundaries.
 
+Positions are moved to a local frame in float64 before the cast to the model's dtype
+(:func:`qeq_ase.local_frame.local_positions`), so a translated molecule, or unwrapped
+coordinates in a periodic cell, give the same float32 forces. Atoms closer than
+:data:`~qeq_ase.local_frame.MIN_PAIR_DISTANCE_A` raise
+:class:`~qeq_ase.local_frame.OverlappingAtomsError` (there is no short-range repulsion), and
+non-finite model output raises ``ValueError``: NaN forces are never returned.
+
 Nothing here touches torch's global state (default dtype, threads, grad mode): the dtype
 and device are per calculator, so calculators of different precision can coexist.
 """
@@ -35,6 +42,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.data import chemical_symbols
 
 from .int8_model import is_int8_model, set_activation_limbs
+from .local_frame import check_no_overlap, local_frame
 from .model import QEqModel
 from .neighbors import molecule_edges, periodic_edges
 
@@ -105,7 +113,8 @@ class QEqCalculator(Calculator):
             ``atoms``, ``directory``).
 
     Raises ``ValueError`` for an unknown name (listing the shipped ones), for atoms of an
-    element the potential was not trained on and for non-finite positions;
+    element the potential was not trained on, for non-finite positions and for overlapping
+    atoms (:class:`~qeq_ase.local_frame.OverlappingAtomsError`);
     :class:`~qeq_ase.checkpoint.PotentialFileError` for missing, corrupt or incompatible files.
     """
 
@@ -144,17 +153,12 @@ class QEqCalculator(Calculator):
             self._numbers = numbers.copy()
         return self._species
 
-    def _edges(self, atoms, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _edges(self, local: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``edge_index`` ``[2, E]`` and image shifts in Å ``[E, 3]`` (None without periodicity)."""
-        pbc = np.asarray(atoms.pbc, dtype=bool)
         if not pbc.any():
             return molecule_edges(positions, self.cutoff_A), None
-        cell = np.asarray(atoms.cell[:], dtype=np.float64)
-        if not np.isfinite(cell).all():
-            raise ValueError("the cell contains NaN or inf")
-        if np.any(np.linalg.norm(cell[pbc], axis=1) == 0.0):
-            raise ValueError(f"periodic directions {pbc.tolist()} need nonzero cell vectors; got cell {cell.tolist()}")
-        edge_index, shift = periodic_edges(atoms.positions, cell, pbc, self.cutoff_A)
+        edge_index, shift = periodic_edges(local, cell, pbc, self.cutoff_A)
         return (torch.as_tensor(edge_index, device=self.device),
                 torch.as_tensor(shift, dtype=self.dtype, device=self.device))
 
@@ -170,9 +174,16 @@ class QEqCalculator(Calculator):
             bad = np.flatnonzero(~np.isfinite(positions).all(axis=1)).tolist()
             raise ValueError(f"non-finite (NaN or inf) positions for atom(s) {bad}")
         species = self._species_for(atoms.numbers)
-        pos = torch.as_tensor(positions, dtype=self.dtype, device=self.device)
-        edge_index, shift = self._edges(atoms, pos)
+        local, cell, pbc = local_frame(atoms)
+        pos = torch.as_tensor(local, dtype=self.dtype, device=self.device)
+        edge_index, shift = self._edges(local, cell, pbc, pos)
+        check_no_overlap(pos, edge_index, shift)
         out = self.model.energy_and_forces(pos, species, edge_index, self._batch, 1, edge_shift=shift)
+        finite = torch.isfinite(out["forces"]).all(dim=1)
+        if not bool(finite.all() & torch.isfinite(out["energy"]).all()):
+            bad = torch.nonzero(~finite).flatten()[:10].tolist()
+            raise ValueError(f"potential {self.model_label!r} gave non-finite energy or forces (atoms {bad}); "
+                             "is the structure far outside what it was trained on?")
         energy = float(out["energy"].detach()[0])
         self.results = {
             "energy": energy,
@@ -180,3 +191,12 @@ class QEqCalculator(Calculator):
             "forces": out["forces"].detach().to("cpu", torch.float64).numpy(),
             "energies": out["energies"].detach().to("cpu", torch.float64).numpy(),
         }
+
+    def calculate_batch(self, structures) -> list[tuple[float, np.ndarray]]:
+        """``(energy eV, forces eV/Å)`` of each of many ``Atoms`` from one model call.
+
+        See :func:`qeq_ase.batch.evaluate_batch`. ``self.results`` is left as it was.
+        """
+        from .batch import evaluate_batch
+
+        return evaluate_batch(self, structures)

@@ -105,7 +105,7 @@ def save_potential(path: str | os.PathLike, model: QEqModel, metadata: dict, pre
     ``precision="int8"`` takes a model from :func:`qeq_ase.int8_model.convert_to_int8`
     (or ``build_int8_model``) and records its ``quantization`` description in the metadata.
     """
-    from .int8_model import int8_state_dict, is_int8_model
+    from .int8_model import check_int8_state_dict, int8_state_dict, is_int8_model
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
@@ -118,11 +118,11 @@ def save_potential(path: str | os.PathLike, model: QEqModel, metadata: dict, pre
     meta.update(metadata)
     if precision == "int8":
         meta["quantization"] = _int8_quantization(model, metadata.get("quantization"))
+        state_dict = int8_state_dict(model) if state_dict is None else check_int8_state_dict(model, state_dict)
     try:  # plain JSON types only: str subclasses such as torch.__version__ would not load with weights_only
         meta = json.loads(json.dumps(meta))
     except TypeError as err:
         raise ValueError(f"potential metadata must hold JSON types only ({err})") from err
-        state_dict = state_dict if state_dict is not None else int8_state_dict(model)
     payload = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -148,7 +148,9 @@ def read_potential_file(path: str | os.PathLike) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated/garbage files
-        raise PotentialFileError(f"{path} is corrupt or not a qeq-ase potential ({type(err).__name__}: {err})") from err
+        detail = " ".join(str(err).split())
+        detail = detail if len(detail) <= 160 else detail[:157] + "..."
+        raise PotentialFileError(f"{path} is corrupt or not a qeq-ase potential ({type(err).__name__}: {detail})") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise PotentialFileError(f"{path} is not a qeq-ase potential file (no '{FORMAT_NAME}' header)")
     version = payload.get("format_version")

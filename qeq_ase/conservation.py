@@ -88,6 +88,14 @@ def check_energy_conservation(model="aspirin_fp32", atoms: Atoms | str | None = 
     from ase.md.verlet import VelocityVerlet
     from tqdm.auto import tqdm
 
+    for name, value, strict in (("time_ps", time_ps, True), ("timestep_fs", timestep_fs, True),
+                                ("warmup_fs", warmup_fs, False), ("temperature_K", temperature_K, False),
+                                ("friction_per_fs", friction_per_fs, False)):
+        if not np.isfinite(value) or value < 0 or (strict and value == 0):
+            raise ValueError(f"{name} must be {'>' if strict else '>='} 0, got {value}")
+    if record_every < 1 or time_ps * 1e3 < 2 * timestep_fs * record_every:
+        raise ValueError(f"time_ps={time_ps} must span at least two recorded NVE steps of {timestep_fs} fs "
+                         f"(record_every={record_every}) to fit a drift")
     atoms = load_start_structure("rmd17:aspirin:0" if atoms is None else atoms, data_dir)
     rng = np.random.default_rng(seed)
     initialize_velocities(atoms, temperature_K, rng)

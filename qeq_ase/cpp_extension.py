@@ -1,15 +1,23 @@
 """Lazy builds of the project's C++ kernels (``qeq_ase/csrc``) with torch's cpp_extension.
 
-A kernel is compiled on its first use, never at import (30-50 s once, then cached in
-``~/.cache/torch_extensions/qeq_ase``); a failed build is remembered and reported with what it needs.
+A kernel is compiled on its first use, never at import (30-60 s once, with a one-line
+message on stderr), for the CPU target :func:`qeq_ase.cpu_features.kernel_march` picks, and
+cached in a folder of its own per Python environment, torch version, compiler flags and CPU
+(``~/.cache/torch_extensions/qeq_ase/<name>-<key>``): two environments, or one home folder seen
+from two kinds of CPU, never rebuild or load each other's kernels. A failed build is
+remembered and reported with what it needs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
+
+from .cpu_features import cpu_flags, cpu_model_name, kernel_march
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 
@@ -25,11 +33,19 @@ OPENMP_FLAGS = ["-fopenmp"]
 STALE_LOCK_S = 600.0
 
 
-def build_directory(name: str) -> Path:
-    """Where ``name`` is built: ``$TORCH_EXTENSIONS_DIR`` or torch's cache root, ``/qeq_ase/<name>``."""
+def build_key(cflags: list[str]) -> str:
+    """12 hex digits that change with the Python environment, torch, the flags and the CPU."""
+    import torch
+
+    parts = [sys.prefix, torch.__version__, " ".join(cflags), cpu_model_name(), " ".join(sorted(cpu_flags()))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def build_directory(name: str, cflags: list[str] = ()) -> Path:
+    """Where ``name`` is built: ``$TORCH_EXTENSIONS_DIR`` or torch's cache root, ``/qeq_ase/<name>-<key>``."""
     from torch.utils.cpp_extension import get_default_build_root
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    return Path(root) / "qeq_ase" / name
+    return Path(root) / "qeq_ase" / f"{name}-{build_key(list(cflags))}"
 
 
 def clear_stale_lock(directory: Path, max_age_s: float = STALE_LOCK_S) -> bool:
@@ -47,8 +63,18 @@ def clear_stale_lock(directory: Path, max_age_s: float = STALE_LOCK_S) -> bool:
     return True
 
 
+#: Every LazyExtension made in this process, in order (see :func:`package_kernels`).
+EXTENSIONS: list["LazyExtension"] = []
+
+
+def package_kernels() -> dict[str, "LazyExtension"]:
+    """The package's own kernels (sources in ``qeq_ase/csrc``) by name, as their modules made them."""
+    return {ext.name: ext for ext in EXTENSIONS if ext.source.parent == CSRC}
+
+
 class LazyExtension:
-    """One C++ source file built into a Python module on the first :meth:`load`."""
+    """One C++ source file built into a Python module on the first :meth:`load` (``cflags``
+    without ``-march``: the target is added from :func:`qeq_ase.cpu_features.kernel_march`)."""
 
     def __init__(self, name: str, source: Path, cflags: list[str], what: str, hint: str = "",
                  ldflags: list[str] | None = None):
@@ -56,6 +82,23 @@ class LazyExtension:
         self.ldflags = list(ldflags or [])
         self.module = None
         self.error: str | None = None
+        EXTENSIONS.append(self)
+
+    def target_cflags(self) -> list[str]:
+        """The compiler flags with this CPU's target."""
+        return [*self.cflags, f"-march={kernel_march()}"]
+
+    def is_built(self) -> bool:
+        """Whether a build for this environment and CPU is in the cache (it may still be stale)."""
+        return (build_directory(self.name, self.target_cflags()) / f"{self.name}.so").is_file()
+
+    def status(self) -> str:
+        """``"loaded"``, ``"built"`` (cached, not loaded), ``"not built"`` or ``"failed: ..."``."""
+        if self.module is not None:
+            return "loaded"
+        if self.error is not None:
+            return f"failed: {self.error}"
+        return "built" if self.is_built() else "not built"
 
     def load(self):
         """The built module; raise RuntimeError (naming the missing tool) if it cannot be built."""
@@ -65,10 +108,14 @@ class LazyExtension:
             raise RuntimeError(self.error)
         try:
             from torch.utils.cpp_extension import load
-            directory = build_directory(self.name)
+            cflags = self.target_cflags()
+            directory = build_directory(self.name, cflags)
             directory.mkdir(parents=True, exist_ok=True)
             clear_stale_lock(directory)
-            self.module = load(name=self.name, sources=[str(self.source)], extra_cflags=self.cflags,
+            if not self.is_built():
+                print(f"qeq-ase: compiling {self.what} for this environment and CPU (once, 30-60 s) in {directory}",
+                      file=sys.stderr, flush=True)
+            self.module = load(name=self.name, sources=[str(self.source)], extra_cflags=cflags,
                                extra_ldflags=self.ldflags, build_directory=str(directory), verbose=False)
         except Exception as err:  # no compiler, no ninja, missing headers, missing source, ...
             last = str(err).strip().splitlines()[-1] if str(err).strip() else ""

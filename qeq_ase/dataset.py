@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,16 +110,21 @@ def read_rmd17_npz(path: str | os.PathLike) -> Frames:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"rMD17 file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # every .npz is a zip archive; np.load would guess "pickled data"
+            raise DatasetError(f"{path}: cannot be read as an .npz file, it is not a zip archive; expected an "
+                               f"rMD17 .npz or an extended XYZ .xyz/.extxyz file")
     try:
-        data = np.load(path)
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"{path}: cannot be read as an .npz file ({err})") from err
-    with data:
-        _check_rmd17_arrays(path, data)
-        numbers = np.asarray(data["nuclear_charges"], dtype=np.int64)
-        positions = np.asarray(data["coords"], dtype=np.float64)
-        energy = np.asarray(data["energies"], dtype=np.float64).reshape(-1) * KCAL_PER_MOL_IN_EV
-        forces = np.asarray(data["forces"], dtype=np.float64) * KCAL_PER_MOL_IN_EV
+        with np.load(path) as data:
+            _check_rmd17_arrays(path, data)
+            numbers = np.asarray(data["nuclear_charges"], dtype=np.int64)
+            positions = np.asarray(data["coords"], dtype=np.float64)
+            energy = np.asarray(data["energies"], dtype=np.float64).reshape(-1) * KCAL_PER_MOL_IN_EV
+            forces = np.asarray(data["forces"], dtype=np.float64) * KCAL_PER_MOL_IN_EV
+    except DatasetError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DatasetError(f"{path}: cannot be read as an .npz file ({type(err).__name__}: {err})") from err
     return Frames(numbers, positions, energy, forces, source=str(path))
 
 
@@ -164,7 +170,8 @@ def read_extxyz(path: str | os.PathLike, energy_key: str = "energy", forces_key:
             found = sorted(set(atoms.info) | set(atoms.arrays) | set(getattr(atoms.calc, "results", {}) or {}))
             missing = [k for k, v in ((energy_key, e), (forces_key, f)) if v is None]
             raise DatasetError(f"{path}: frame {i} has no {' or '.join(map(repr, missing))}; it holds {found} "
-                               f"(choose the keys with energy_key= / forces_key=)")
+                               f"(choose the keys with energy_key= / forces_key=, "
+                               f"on the command line --energy-key / --forces-key)")
         energy[i], forces[i] = float(np.asarray(e).reshape(())), np.asarray(f, dtype=np.float64)
     positions = np.stack([atoms.positions for atoms in images]).astype(np.float64)
     if not (np.isfinite(positions).all() and np.isfinite(energy).all() and np.isfinite(forces).all()):

@@ -33,7 +33,7 @@ EXTENSION_NAME = "qeq_edge_attention"
 # OpenMP: the kernel's at::parallel_for loops run on torch's threads (-fopenmp also enables the
 # omp simd reductions). One layer's backward, 1,344 atoms, 2 threads: 17 ms against 33 ms
 # single-threaded (benchmarks/edge_filter_gradient.py, docs/speed.md).
-_CFLAGS = ["-O3", "-march=native", *OPENMP_FLAGS]
+_CFLAGS = ["-O3", *OPENMP_FLAGS]
 BACKENDS = ("auto", "cpp", "eager")
 _EXTENSION = LazyExtension(EXTENSION_NAME, CSRC / "edge_attention.cpp", _CFLAGS,
                            "the fused edge-attention kernel", ldflags=OPENMP_FLAGS)

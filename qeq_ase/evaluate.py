@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import torch
 
+from .cli_args import ArgumentParser, positive_int, user_errors
 from .dataset import Frames, load_frames
 from .graph import molecules_to_graph
 from .model import QEqModel
@@ -51,26 +51,30 @@ def main(argv: list[str] | None = None) -> None:
     from .glibc_malloc import keep_large_allocations
     from .registry import load_model
 
-    parser = argparse.ArgumentParser(prog="qeq-eval", description="Energy and force MAE of a potential on an rMD17 or extended XYZ file.")
+    parser = ArgumentParser(prog="qeq-eval", description="Energy and force MAE of a potential on an rMD17 or extended XYZ file.")
     parser.add_argument("model", help="shipped potential name (e.g. aspirin_fp32) or path to a potential file")
     parser.add_argument("data", help="rMD17 .npz file (kcal/mol, converted on load) or extended XYZ (eV, eV/Å)")
     parser.add_argument("--energy-key", default="energy", help="extended XYZ: energy key")
     parser.add_argument("--forces-key", default="forces", help="extended XYZ: forces key")
-    parser.add_argument("--frames", type=int, default=None, help="evaluate only the first N frames")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--frames", type=positive_int, default=None, help="evaluate only the first N frames")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                        help="float dtype of the model (INT8 potentials: float32 only)")
     parser.add_argument("--activation-limbs", type=int, choices=(1, 2), default=None,
                         help="int8 potentials: 1 (W8A8) or 2 (two-limb inputs); default: the file's")
     args = parser.parse_args(argv)
     keep_large_allocations()  # this command's own process (docs/speed.md)
-    model, _ = load_model(args.model)
-    if args.activation_limbs is not None:
-        from .int8_model import set_activation_limbs
+    with user_errors("qeq-eval"):
+        model, _ = load_model(args.model, dtype=getattr(torch, args.dtype))
+        if args.activation_limbs is not None:
+            from .int8_model import set_activation_limbs
 
-        set_activation_limbs(model, args.activation_limbs)
-    frames = load_frames(args.data, energy_key=args.energy_key, forces_key=args.forces_key)
-    if args.frames:
-        frames = frames.subset(np.arange(min(args.frames, len(frames))))
-    print(json.dumps(evaluate(model, frames, args.batch_size), indent=2))
+            set_activation_limbs(model, args.activation_limbs)
+        frames = load_frames(args.data, energy_key=args.energy_key, forces_key=args.forces_key)
+        if args.frames:
+            frames = frames.subset(np.arange(min(args.frames, len(frames))))
+        errors = evaluate(model, frames, args.batch_size)  # refuses elements the potential does not know
+    print(json.dumps(errors, indent=2))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ carries, so the numbers in ``docs/`` can always be traced to the file and this c
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -22,6 +21,7 @@ from datetime import datetime, timezone
 import torch
 
 from .checkpoint import load_potential_file, read_potential_file, save_potential
+from .cli_args import ArgumentParser, user_errors
 from .dataset import file_sha256, load_frames
 from .evaluate import error_metrics, predict_frames
 
@@ -83,7 +83,7 @@ def export_potential(checkpoint: str, test_file: str, output: str, name: str | N
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="qeq-export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="qeq-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="potential file written by qeq-train (RUN/best.pt)")
     parser.add_argument("test_file", help="rMD17 test .npz or extended XYZ file; every frame is evaluated")
     parser.add_argument("-o", "--output", required=True, help="output potential file, e.g. potentials/aspirin_fp32.pt")
@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--energy-key", default="energy", help="extended XYZ test file: energy key")
     parser.add_argument("--forces-key", default="forces", help="extended XYZ test file: forces key")
     args = parser.parse_args(argv)
-    metadata = export_potential(args.checkpoint, args.test_file, args.output, args.name, args.int8,
-                                args.activation_limbs, args.energy_key, args.forces_key)
+    with user_errors("qeq-export"):
+        metadata = export_potential(args.checkpoint, args.test_file, args.output, args.name, args.int8,
+                                    args.activation_limbs, args.energy_key, args.forces_key)
     print(json.dumps({"output": args.output, "test_errors": metadata["test_errors"]}, indent=2))
 
 

@@ -10,22 +10,27 @@ The whole recipe of the shipped potentials in one resumable command:
 4. ``qeq-export --int8`` -> ``NAME_int8.pt`` (int8 weights, integer kernels, two-limb inputs).
 
 Every stage writes its files under ``--work-dir/NAME``; run the same command again after an
-interruption and it resumes the stage it was in and skips the finished ones. Both outputs
+interruption and it resumes the stage it was in and skips the finished ones. The hashes of
+the data files and the options are recorded beside the outputs (:mod:`qeq_ase.fit_record`):
+a fit with other data or options whose files exist is refused, or with ``--redo`` started
+again from scratch, so finished stages are never reused for other inputs. Both outputs
 load by path: ``QEqCalculator("OUT/NAME_int8.pt")``.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from .checkpoint import read_potential_file
+from .cli_args import ArgumentParser, positive_float, positive_int, torch_device, user_errors
 from .dataset import load_frames
 from .export import export_potential
+from .fit_record import check_name, check_or_reset, fit_record
 from .train import Trainer, TrainConfig
 
 #: The architecture and float recipe of configs/aspirin_fp32.yaml, with the learning rate the A/B
@@ -53,7 +58,7 @@ def train_stage(cfg: TrainConfig) -> Path:
     """Run (or resume, or skip if its budget is spent) one training stage; its best file."""
     out = Path(cfg.output_dir)
     resume = (out / "last.pt").is_file()
-    Trainer(cfg, resume=resume).run()
+    Trainer(cfg, resume=resume, overwrite=not resume).run()  # the fit record vouches for the folder
     best = out / "best.pt"
     if not best.is_file():
         raise RuntimeError(f"{out}: training ended without a best model; a QAT stage keeps only epochs after "
@@ -64,18 +69,27 @@ def train_stage(cfg: TrainConfig) -> Path:
 def fit_potential(train_file: str, test_file: str, name: str, output_dir: str = "potentials_fitted",
                   work_dir: str = "runs/fit", fp32_minutes: float = 60.0, int8_minutes: float = 15.0,
                   fp32_options: dict | None = None, int8_options: dict | None = None,
-                  energy_key: str = "energy", forces_key: str = "forces") -> dict[str, Path]:
+                  energy_key: str = "energy", forces_key: str = "forces", redo: bool = False) -> dict[str, Path]:
     """Fit ``NAME_fp32.pt`` and ``NAME_int8.pt`` into ``output_dir``; resumes where it stopped.
 
     ``fp32_options`` and ``int8_options`` override :class:`TrainConfig` keys of the two
     recipes (:data:`FP32_RECIPE`, :data:`INT8_RECIPE`), e.g. ``{"lr": 2e-2, "device": "cuda"}``.
+    Existing files of a fit with other data or options raise
+    :class:`~qeq_ase.fit_record.FitMismatchError`; ``redo=True`` deletes them and fits again.
     Returns the paths of the two potential files.
     """
-    for path in (train_file, test_file):  # fail before any training on unreadable data
-        load_frames(path, energy_key=energy_key, forces_key=forces_key)
+    check_name(name)
+    for label, minutes in (("fp32_minutes", fp32_minutes), ("int8_minutes", int8_minutes)):
+        if not (isinstance(minutes, (int, float)) and math.isfinite(minutes) and minutes > 0):
+            raise ValueError(f"{label} must be a positive number of minutes, got {minutes!r}")
+    # fail before any training on unreadable data
+    train, test = (load_frames(path, energy_key=energy_key, forces_key=forces_key) for path in (train_file, test_file))
     work, out = Path(work_dir) / name, Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     files = {"fp32": out / f"{name}_fp32.pt", "int8": out / f"{name}_int8.pt"}
+    record = fit_record(name, train.sha256, test.sha256, {
+        "energy_key": energy_key, "forces_key": forces_key, "fp32_minutes": fp32_minutes,
+        "int8_minutes": int8_minutes, "fp32_options": fp32_options or {}, "int8_options": int8_options or {}})
+    check_or_reset(record, [(out / f"{name}_fit.json", list(files.values())), (work / "fit.json", [work])], redo)
     stages = (
         ("fp32", FP32_RECIPE, {"time_budget_min": fp32_minutes}, fp32_options),
         ("int8", INT8_RECIPE, {"time_budget_min": int8_minutes, "init_from": str(files["fp32"])}, int8_options),
@@ -104,28 +118,36 @@ def merge_options(*layers: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="qeq-fit", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="qeq-fit", description=__doc__.split("\n\n")[0])
     parser.add_argument("train_file", help="training data: rMD17 .npz or extended XYZ (eV, eV/Å)")
     parser.add_argument("test_file", help="held-out test data in the same format; every frame is evaluated")
     parser.add_argument("--name", required=True, help="potential name: files NAME_fp32.pt and NAME_int8.pt")
     parser.add_argument("-o", "--output-dir", default="potentials_fitted", help="where the two potential files go")
     parser.add_argument("--work-dir", default="runs/fit", help="checkpoints and logs, WORK_DIR/NAME/{fp32,int8}")
-    parser.add_argument("--fp32-minutes", type=float, default=60.0, help="float32 training budget (minutes)")
-    parser.add_argument("--int8-minutes", type=float, default=15.0, help="quantization-aware fine-tune budget")
-    parser.add_argument("--lr", type=float, default=None, help=f"float32 peak learning rate (default {FP32_RECIPE['lr']})")
-    parser.add_argument("--n-val", type=int, default=None, help="validation frames split off the training file (default 50)")
+    parser.add_argument("--fp32-minutes", type=positive_float, default=60.0,
+                        help="float32 training budget (minutes, > 0)")
+    parser.add_argument("--int8-minutes", type=positive_float, default=15.0,
+                        help="quantization-aware fine-tune budget (minutes, > 0)")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help=f"float32 peak learning rate (default {FP32_RECIPE['lr']})")
+    parser.add_argument("--n-val", type=positive_int, default=None,
+                        help="validation frames split off the training file (default 50)")
     parser.add_argument("--energy-key", default="energy", help="extended XYZ: energy key (e.g. REF_energy)")
     parser.add_argument("--forces-key", default="forces", help="extended XYZ: forces key (e.g. REF_forces)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads for this run")
+    parser.add_argument("--redo", action="store_true",
+                        help="delete this NAME's outputs and work files and fit again "
+                        "(needed when data or options changed)")
+    parser.add_argument("--device", type=torch_device, default="cpu")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads for this run")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)  # a command's own process: not a library side effect
-    common = {"device": args.device, **({"n_val": args.n_val} if args.n_val else {})}
-    fp32_options = {**common, **({"lr": args.lr} if args.lr else {})}
-    files = fit_potential(args.train_file, args.test_file, args.name, args.output_dir, args.work_dir,
-                          args.fp32_minutes, args.int8_minutes, fp32_options, common,
-                          args.energy_key, args.forces_key)
+    common = {"device": args.device, **({"n_val": args.n_val} if args.n_val is not None else {})}
+    fp32_options = {**common, **({"lr": args.lr} if args.lr is not None else {})}
+    with user_errors("qeq-fit"):
+        files = fit_potential(args.train_file, args.test_file, args.name, args.output_dir, args.work_dir,
+                              args.fp32_minutes, args.int8_minutes, fp32_options, common,
+                              args.energy_key, args.forces_key, redo=args.redo)
     summary = {}
     for kind, path in files.items():
         errors = read_potential_file(path)["metadata"]["test_errors"]

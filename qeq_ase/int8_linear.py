@@ -65,15 +65,13 @@ same second derivatives as the fake-quantized QAT layer (the STE mask has zero d
 
 The fused kernels and the autograd node are C++ (``qeq_ase/csrc/int8_kernels.cpp``), built
 with ``torch.utils.cpp_extension`` on the first forward pass (never at import; 30-50 s
-once, then cached in ``~/.cache/torch_extensions/qeq_ase``; ``-march=native``, so do not share
-that cache between different CPUs). ``backend="auto"`` falls back to eager torch with a
+once, then cached per environment and CPU, :mod:`qeq_ase.cpp_extension`). ``backend="auto"`` falls back to eager torch with a
 warning when the build fails (or when ``QEQ_INT8_BACKEND=eager``); ``backend="cpp"``
 raises instead. ``layer.kernel`` says what runs.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import warnings
@@ -83,6 +81,8 @@ from e3nn import o3
 from torch import nn
 
 from .cpp_extension import CSRC, OPENMP_FLAGS, LazyExtension
+from .cpu_features import has_amx_int8 as cpu_has_amx_int8
+from .cpu_features import int_mm_is_exact
 from .quantizers import (TINY, LSQQuantizer, MDDQQuantizer, fake_quantize_limbs, fake_quantize_per_atom,
                          per_atom_scale, quantize_weight)
 
@@ -101,8 +101,23 @@ _SOURCE = CSRC / "int8_kernels.cpp"
 # Built with -fopenmp (cpp_extension.OPENMP_FLAGS) so that its at::parallel_for loops use every
 # thread; the inner loops carry "#pragma omp simd", without which they stopped vectorising inside
 # OpenMP's outlined regions (tried without it 2026-11-28: slower on two threads than on one).
-_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", *OPENMP_FLAGS]
+_CFLAGS = ["-O3", "-ffp-contract=off", *OPENMP_FLAGS]
 _NO_PACK = torch.empty(0, dtype=torch.int8)  # "no packed weight": the GEMM is torch._int_mm
+
+
+#: Up to this reduction width a float32 GEMM of int8 codes (|c| <= 127) is exact: every partial
+#: sum is an integer below 2^24 (``kExactFloatK`` in the C++ file).
+EXACT_FLOAT_K = (1 << 24) // (127 * 127)
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The exact int32 product of int8 ``a [M, K]`` and ``b [K, N]``: ``torch._int_mm`` where it is
+    exact (VNNI, AMX), else the same integers from a float GEMM (``cpu_features.int_mm_is_exact``)."""
+    if int_mm_is_exact():
+        return torch._int_mm(a, b)
+    dtype = torch.float32 if a.shape[1] <= EXACT_FLOAT_K else torch.float64
+    with torch.profiler.record_function("qeq_int8_gemm_via_float"):
+        return torch.mm(a.to(dtype), b.to(dtype)).to(torch.int32)
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,7 +203,7 @@ class EagerKernels:
         clipped = bool((x.abs() / step > qmax).any())
         if onednn:
             return _onednn_linear(codes, limbs, step, 1.0 / (2.0 * qmax), packed, w_scale, bias), clipped
-        acc = torch._int_mm(codes, w_t)
+        acc = int_mm(codes, w_t)
         return cls.rescale(acc, x.new_full((1,), step), 1, w_scale, bias, None, 1.0, qmax, limbs), clipped
 
     @classmethod
@@ -199,7 +214,7 @@ class EagerKernels:
         if onednn:
             y = _onednn_linear(codes, limbs, 1.0, 1.0 / (2.0 * qmax), packed, w_scale, None)
             return y.mul_(scale.repeat_interleave(3)[:, None])
-        return cls.rescale(torch._int_mm(codes, w_t), scale, 3, w_scale, None, None, 1.0, qmax, limbs)
+        return cls.rescale(int_mm(codes, w_t), scale, 3, w_scale, None, None, 1.0, qmax, limbs)
 
     @classmethod
     def linear_backward_from_codes(cls, codes, scale, w, x, step, qmax, limbs=1, packed=None):
@@ -207,7 +222,7 @@ class EagerKernels:
             out = _onednn_linear(codes, limbs, 1.0, 1.0 / 254.0, packed, scale.new_ones(w.shape[1]), None)
             out.mul_(scale[:, None])
         else:
-            out = cls.rescale(torch._int_mm(codes, w), scale, 1, None, None, None, 1.0, 127, limbs)
+            out = cls.rescale(int_mm(codes, w), scale, 1, None, None, None, 1.0, 127, limbs)
         if x is not None:
             cls.ste_mask_(out, x, step, qmax)
         return out
@@ -233,6 +248,7 @@ def load_cpp_kernels():
     """Build (first call, 30-50 s) or load the C++ kernels; raise RuntimeError if impossible."""
     module = _EXTENSION.load()
     module.name = "C++ fused (qeq_ase/csrc/int8_kernels.cpp)"
+    module.set_int_mm_via_float(not int_mm_is_exact())
     return module
 
 
@@ -251,22 +267,19 @@ def get_kernels(backend: str = "auto"):
         return EagerKernels
 
 
-@functools.cache
-def cpu_has_amx_int8() -> bool:
-    """Whether this CPU advertises AMX-INT8 (Linux ``/proc/cpuinfo`` flag ``amx_int8``)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_int8" in line.split()
-    except OSError:
-        pass
-    return False
+def gemm_available(gemm: str) -> bool:
+    """Whether the int8 GEMM ``gemm`` runs fast on this CPU: ``_int_mm`` everywhere; brgemm and
+    oneDNN's int8 linear only with AMX-INT8 (without it brgemm cannot run and oneDNN's int8 linear
+    falls back to a reference kernel ~1000x slower than fp32)."""
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm must be one of {GEMMS}, not {gemm!r}")
+    return gemm in ("auto", "int_mm") or cpu_has_amx_int8()
 
 
 def resolve_gemm(gemm: str) -> str:
     """``"int_mm"``, ``"onednn"`` or ``"brgemm"`` for a requested ``gemm`` (``"auto"``: brgemm on AMX CPUs;
-    the environment variable ``QEQ_INT8_GEMM`` overrides ``"auto"``)."""
+    the environment variable ``QEQ_INT8_GEMM`` overrides ``"auto"``). A GEMM this CPU cannot run
+    fast (:func:`gemm_available`) is refused by name."""
     if gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {GEMMS}, not {gemm!r}")
     if gemm == "auto":
@@ -275,9 +288,10 @@ def resolve_gemm(gemm: str) -> str:
             raise ValueError(f"QEQ_INT8_GEMM must be one of {GEMMS}, not {gemm!r}")
     if gemm == "auto":
         gemm = "brgemm" if cpu_has_amx_int8() else "int_mm"
-    if gemm == "brgemm" and not cpu_has_amx_int8():
-        raise ValueError("the brgemm int8 GEMM needs a CPU with AMX-INT8 (no amx_int8 flag in /proc/cpuinfo); "
-                         "use gemm='int_mm'")
+    if not gemm_available(gemm):
+        what = "the brgemm int8 GEMM" if gemm == "brgemm" else "oneDNN's int8 linear ('onednn')"
+        raise ValueError(f"{what} needs a CPU with AMX-INT8, which this one lacks or oneDNN may not use "
+                         f"(cpuinfo flag amx_int8, ONEDNN_MAX_CPU_ISA); use gemm='int_mm' or 'auto'")
     return gemm
 
 
@@ -381,6 +395,11 @@ class _EagerInt8Linear(torch.autograd.Function):
 # Layers
 # ---------------------------------------------------------------------------------------
 
+def _refresh_after_load(module: "_Int8LinearBase", incompatible_keys) -> None:
+    """``load_state_dict`` post-hook (a module-level function, so that the layer pickles)."""
+    module.refresh()
+
+
 class _Int8LinearBase(nn.Module):
     """Buffers (saved in the state dict): ``weight_int8 [out, in]`` int8, ``weight_scale [out]``
     (float, includes ``1/sqrt(in)``), ``bias [out]`` or None, ``input_step`` (scalar, the
@@ -406,7 +425,7 @@ class _Int8LinearBase(nn.Module):
         self.register_buffer("weight_int8_t", torch.zeros(in_features, out_features, dtype=torch.int8),
                              persistent=False)
         self._kernels = None
-        self.register_load_state_dict_post_hook(lambda module, keys: module.refresh())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def refresh(self) -> None:
         """Rebuild the derived tensors (transposed codes, caches) after the codes changed."""
@@ -480,7 +499,8 @@ class _Int8LinearBase(nn.Module):
         if self.takes_gradient_codes and self.backward_kernel == "auto" and not self._int8_backward():
             backward += ("; the int8 GEMM on two-limb int8 gradient codes where a fused kernel hands them over "
                          "(edge filters)")
-        gemm = "torch._int_mm (int8 x int8 -> int32)"
+        gemm = ("torch._int_mm (int8 x int8 -> int32)" if int_mm_is_exact() else
+                "exact int8 GEMM via fp32 (int8 x int8 -> int32 products; torch._int_mm saturates without VNNI)")
         if self.gemm == "onednn":
             gemm = (f"oneDNN qlinear_pointwise (int8 x int8, AMX-INT8 where present; torch._int_mm below "
                     f"{ONEDNN_MIN_ROWS} rows or {ONEDNN_MIN_WIDTH} channels)")

@@ -372,6 +372,18 @@ def int8_state_dict(model: QEqModel) -> dict:
     return state
 
 
+def check_int8_state_dict(model: QEqModel, state_dict: dict) -> dict:
+    """``state_dict`` if it holds what an int8 file of ``model`` must (int8 codes, finite positive
+    scales and steps, every key of the model); ``ValueError`` otherwise."""
+    state = {k: v.detach().cpu() for k, v in state_dict.items()}
+    expected = set(model.state_dict())
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"the state dict does not fit the int8 model (missing {missing[:5]}, extra {extra[:5]})")
+    _check_int8_tensors(model, state)
+    return state
+
+
 def state_dict_nbytes(state_dict: dict) -> int:
     """Bytes of the tensor data of a state dict (what dominates the file size)."""
     return sum(t.numel() * t.element_size() for t in state_dict.values())

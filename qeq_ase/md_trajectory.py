@@ -56,6 +56,17 @@ class TrajectoryError(ValueError):
     """An MD trajectory file is missing, not ours, or inconsistent with the requested run."""
 
 
+def _open(path: str | os.PathLike, mode: str) -> h5py.File:
+    """``h5py.File``, with a missing, truncated or non-HDF5 file as one-line :class:`TrajectoryError`."""
+    if not Path(path).is_file():
+        raise TrajectoryError(f"trajectory file not found: {path}")
+    try:
+        return h5py.File(path, mode)
+    except OSError as err:
+        raise TrajectoryError(f"{path} is not a readable HDF5 trajectory (truncated or corrupt?): "
+                              f"{' '.join(str(err).split())}") from err
+
+
 def _shape(spec: tuple, n_atoms: int) -> tuple[int, ...]:
     return tuple(n_atoms if d == "N" else d for d in spec)
 
@@ -104,13 +115,16 @@ class TrajectoryWriter:
     @classmethod
     def append_to(cls, path: str | os.PathLike, flush_every: int) -> "TrajectoryWriter":
         """Open an existing trajectory for appending, cut back to its last complete frame."""
-        h5 = h5py.File(path, "r+")
+        h5 = _open(path, "r+")
         try:
             _check_format(h5, path)
             n_frames = int(h5.attrs["n_frames"])
             for name in FRAME_FIELDS:
                 if h5[name].shape[0] != n_frames:
                     h5[name].resize(n_frames, axis=0)
+        except (OSError, KeyError) as err:
+            h5.close()
+            raise TrajectoryError(f"{path} is damaged ({type(err).__name__}: {' '.join(str(err).split())})") from err
         except Exception:
             h5.close()
             raise
@@ -172,15 +186,17 @@ def read_trajectory(path: str | os.PathLike, fields: tuple[str, ...] | None = No
     ``masses``, ``cell`` and ``attrs`` (a plain dict; ``rng_state`` decoded from JSON).
     """
     path = Path(path)
-    if not path.is_file():
-        raise TrajectoryError(f"trajectory file not found: {path}")
-    with h5py.File(path, "r") as h5:
+    with _open(path, "r") as h5:
         _check_format(h5, path)
-        n = int(h5.attrs["n_frames"])
-        out = {name: h5[name][:n] for name in (fields or FRAME_FIELDS)}
-        for name in ("numbers", "masses", "cell"):
-            out[name] = h5[name][()]
-        attrs = {key: (value.item() if isinstance(value, np.generic) else value) for key, value in h5.attrs.items()}
+        try:
+            n = int(h5.attrs["n_frames"])
+            out = {name: h5[name][:n] for name in (fields or FRAME_FIELDS)}
+            for name in ("numbers", "masses", "cell"):
+                out[name] = h5[name][()]
+            attrs = {key: (value.item() if isinstance(value, np.generic) else value)
+                     for key, value in h5.attrs.items()}
+        except (OSError, KeyError) as err:
+            raise TrajectoryError(f"{path} is damaged ({type(err).__name__}: {' '.join(str(err).split())})") from err
     if "rng_state" in attrs:
         attrs["rng_state"] = json.loads(attrs["rng_state"])
     out["attrs"] = attrs

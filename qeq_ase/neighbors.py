@@ -124,10 +124,12 @@ def _check_periodic_inputs(positions, cell, pbc) -> tuple[np.ndarray, np.ndarray
     if pbc.shape != (3,):
         raise ValueError(f"pbc must be a bool or 3 bools, got shape {list(pbc.shape)}")
     if pbc.any():
+        from .local_frame import complete_cell
+
+        cell = complete_cell(cell, pbc)  # a zero vector along a non-periodic direction is allowed
         volume = abs(np.linalg.det(cell))
         if volume <= 1e-9 * max(float(np.abs(cell).max()), 1.0) ** 3:
-            raise ValueError("cell is singular; a periodic cell needs three independent lattice vectors "
-                             "(give non-periodic directions a vector too)")
+            raise ValueError("cell is singular; a periodic cell needs independent lattice vectors")
     return positions, cell, pbc
 
 
@@ -271,8 +273,9 @@ def periodic_edges(
 
     Args:
         positions: ``[N, 3]`` in Å; atoms need not be wrapped into the cell.
-        cell: ``[3, 3]`` lattice vectors as rows (Å). Must be non-singular when any
-            direction is periodic; ignored when none is.
+        cell: ``[3, 3]`` lattice vectors as rows (Å). When any direction is periodic, the
+            vectors must be independent; a zero vector along a non-periodic direction is
+            replaced by a unit vector orthogonal to the others. Ignored when none is periodic.
         pbc: a bool or 3 bools, periodicity along each lattice vector.
         cutoff: Å, finite and positive; it may exceed the cell size (several images).
 

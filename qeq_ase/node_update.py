@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from .cpp_extension import CSRC, OPENMP_FLAGS, LazyExtension
 
-_EXTENSION = LazyExtension("qeq_node_update", CSRC / "node_update.cpp", ["-O3", "-march=native", *OPENMP_FLAGS],
+_EXTENSION = LazyExtension("qeq_node_update", CSRC / "node_update.cpp", ["-O3", *OPENMP_FLAGS],
                            "the fused node-update kernel", ldflags=OPENMP_FLAGS)
 
 

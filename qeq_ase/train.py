@@ -14,12 +14,12 @@ weights (``precision: "qat"``), which ``qeq-export --int8`` turns into a real IN
 
 Files in ``output_dir``: ``last.pt`` (resumable state), ``best.pt`` (potential file, best
 validation EMA weights), ``final.pt`` (potential file, the EMA weights at the end of the
-budget), ``log.csv``, ``config.yaml``.
+budget), ``log.csv``, ``config.yaml``. A folder that already holds a run (any of
+:data:`RUN_FILES`) is refused unless the run is resumed or ``overwrite`` is given.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import math
@@ -35,11 +35,26 @@ import yaml
 from tqdm import tqdm
 
 from .checkpoint import load_potential_file, save_potential
+from .cli_args import ArgumentParser, positive_int, torch_device, user_errors
 from .dataset import Frames, load_frames, train_val_split
 from .energy_reference import fit_reference_energies
 from .evaluate import evaluate
 from .graph import molecules_to_graph
 from .model import ModelConfig, QEqModel
+
+#: Files of a run in its output folder that a new run would replace or append to.
+RUN_FILES = ("last.pt", "best.pt", "final.pt", "log.csv")
+
+
+#: (option, type, lower bound, bound excluded) checked by TrainConfig: a zero or negative
+#: budget would otherwise mean "no limit", a zero n_val an empty validation set.
+_CONFIG_RANGES = (
+    ("n_val", int, 1, False), ("n_train", int, 1, False), ("batch_size", int, 1, False),
+    ("max_epochs", int, 1, False), ("time_budget_min", float, 0, True), ("lr", float, 0, True),
+    ("min_lr", float, 0, False), ("warmup_epochs", float, 0, False), ("energy_weight", float, 0, False),
+    ("force_weight", float, 0, False), ("ema_decay", float, 0, False), ("grad_clip", float, 0, True),
+    ("weight_decay", float, 0, False),
+)
 
 
 @dataclass
@@ -70,14 +85,41 @@ class TrainConfig:
     energy_key: str = "energy"                          # extended XYZ keys (e.g. MACE's REF_energy)
     forces_key: str = "forces"
 
+    def __post_init__(self) -> None:
+        for name, kind, low, strict in _CONFIG_RANGES:
+            value = getattr(self, name)
+            if value is None and name in ("n_train", "time_budget_min"):
+                continue
+            if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+                try:
+                    value = float(value)
+                    setattr(self, name, value)
+                except ValueError:
+                    pass
+            ok_type = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+            if not ok_type or not math.isfinite(value) or value < low or (strict and value == low):
+                raise ValueError(f"training option {name} must be {'an integer' if kind is int else 'a number'} "
+                                 f"{'>' if strict else '>='} {low}, got {value!r}")
+
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        """Read a YAML mapping of options; ValueError for anything else (one line)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"training config not found: {path}")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not a YAML file ({' '.join(str(err).split())})") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a training config: expected a YAML mapping of options "
+                             f"(train_file: ..., output_dir: ...), got {type(data).__name__}")
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"{path}: unknown training option(s) {sorted(unknown)}; known: {sorted(known)}")
+        if "train_file" not in data:
+            raise ValueError(f"{path}: the option train_file (rMD17 .npz or extended XYZ) is missing")
         return cls(**data)
 
 
@@ -154,12 +196,16 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 class Trainer:
-    """Holds the state of one run; :meth:`run` trains until the budget is spent."""
+    """Holds the state of one run; :meth:`run` trains until the budget is spent.
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    ``resume`` continues the run in ``output_dir``; ``overwrite`` deletes its files first.
+    Without either, a folder that holds a run is refused (``FileExistsError``).
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False):
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        replaced = _existing_run_files(self.out, resume, overwrite)
         self.device = torch.device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
@@ -191,6 +237,9 @@ class Trainer:
         self.epoch, self.step, self.elapsed_s, self.best = 0, 0, 0.0, math.inf
         if resume:
             self._load_checkpoint(self.out / "last.pt")
+        for name in replaced:  # only now: a config or data error above leaves the old run intact
+            (self.out / name).unlink()
+        self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "config.yaml", "w") as f:
             yaml.safe_dump(asdict(cfg), f, sort_keys=False)
 
@@ -248,7 +297,8 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         if not path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}; start a new run (--overwrite if the "
+                                    "folder holds other files of a run)")
         state = torch.load(path, map_location=self.device, weights_only=True)
         if ModelConfig.from_dict(state["model_config"]) != self.model.config:
             raise ValueError(f"{path} was written for model {state['model_config']}, not {self.model.config}")
@@ -351,22 +401,43 @@ class Trainer:
         save_potential(self.out / name, self.ema.model, metadata, precision="qat" if self.quant else "fp32")
 
 
+def _existing_run_files(out: Path, resume: bool, overwrite: bool) -> list[str]:
+    """The :data:`RUN_FILES` in ``out`` that ``overwrite`` will delete; a folder holding a run
+    is refused unless resuming or overwriting."""
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output_dir {out} is a file, not a folder")
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if resume or not existing:
+        return []
+    if not overwrite:
+        raise FileExistsError(f"{out} already holds a training run ({', '.join(existing)}); pass --resume to "
+                              "continue it or --overwrite to replace it")
+    return existing
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="qeq-train", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="qeq-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="YAML file with TrainConfig options")
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt")
-    parser.add_argument("--device", default=None, help="override the config's device (cpu, cuda)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads for this run")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/last.pt")
+    again.add_argument("--overwrite", action="store_true",
+                       help="delete the run already in OUTPUT_DIR and start again")
+    parser.add_argument("--device", type=torch_device, default=None, help="override the config's device (cpu, cuda)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads for this run")
     parser.add_argument("--output-dir", default=None, help="override the config's output_dir")
     args = parser.parse_args(argv)
-    cfg = TrainConfig.from_yaml(args.config)
-    if args.device:
-        cfg.device = args.device
-    if args.output_dir:
-        cfg.output_dir = args.output_dir
-    if args.threads:
-        torch.set_num_threads(args.threads)  # a command's own process: not a library side effect
-    Trainer(cfg, resume=args.resume).run()
+    with user_errors("qeq-train"):
+        cfg = TrainConfig.from_yaml(args.config)
+        if args.device:
+            cfg.device = args.device
+        if args.output_dir:
+            cfg.output_dir = args.output_dir
+        if args.threads:
+            torch.set_num_threads(args.threads)  # a command's own process: not a library side effect
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    trainer.run()
 
 
 if __name__ == "__main__":

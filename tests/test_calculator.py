@@ -13,6 +13,7 @@ from ase.calculators.fd import calculate_numerical_forces
 from qeq_ase.calculator import QEqCalculator
 from qeq_ase.checkpoint import PotentialFileError, save_potential
 from qeq_ase.graph import molecules_to_graph
+from qeq_ase.local_frame import local_positions
 from conftest import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,9 +30,11 @@ def test_properties_shapes_and_units(tiny_potential_path, aspirin):
     assert forces.shape == (len(aspirin), 3) and forces.dtype == np.float64
     assert energies.shape == (len(aspirin),)
     assert energies.sum() == pytest.approx(energy, abs=1e-9)
-    # energy and forces are the model's output in eV and eV/Å, reference energies included
+    # energy and forces are the model's output in eV and eV/Å, reference energies included,
+    # for the positions moved to the local frame the calculator gives the model
     model = calc.model
-    graph = molecules_to_graph([aspirin.numbers], [aspirin.positions], model.config.cutoff, torch.float32)
+    graph = molecules_to_graph([aspirin.numbers], [local_positions(aspirin.positions)], model.config.cutoff,
+                               torch.float32)
     out = model.energy_and_forces(graph.positions, model.species_index(graph.numbers), graph.edge_index,
                                   graph.batch, 1)
     assert energy == pytest.approx(out["energy"].item(), abs=1e-9)

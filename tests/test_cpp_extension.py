@@ -5,12 +5,26 @@ import time
 
 import pytest
 
+from qeq_ase import cpp_extension
 from qeq_ase.cpp_extension import STALE_LOCK_S, build_directory, clear_stale_lock
 
 
 def test_build_directory_follows_torch_extensions_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert build_directory("qeq_edge_attention") == tmp_path / "qeq_ase" / "qeq_edge_attention"
+    directory = build_directory("qeq_edge_attention", ["-O3", "-march=native"])
+    assert directory.parent == tmp_path / "qeq_ase" and directory.name.startswith("qeq_edge_attention-")
+
+
+def test_each_environment_flag_set_and_cpu_builds_in_its_own_directory(monkeypatch):
+    """Two environments (or one home folder seen from two CPU kinds) never share a build."""
+    here = build_directory("k", ["-march=native"])
+    assert build_directory("k", ["-march=native"]) == here
+    assert build_directory("k", ["-march=x86-64-v3"]) != here
+    monkeypatch.setattr(cpp_extension.sys, "prefix", "/elsewhere/.venv")
+    assert build_directory("k", ["-march=native"]) != here
+    monkeypatch.undo()
+    monkeypatch.setattr(cpp_extension, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert build_directory("k", ["-march=native"]) != here
 
 
 def test_a_lock_left_by_an_interrupted_build_is_removed(tmp_path):

@@ -11,6 +11,7 @@ from qeq_ase.calculator import QEqCalculator
 from qeq_ase.checkpoint import read_potential_file
 from qeq_ase.dataset import load_rmd17, write_extxyz
 from qeq_ase.fit import fit_potential
+from qeq_ase.fit_record import FitMismatchError, check_or_reset
 from qeq_ase.published_rmd17 import PUBLISHED_RMD17
 from qeq_ase.report import default_settings, write_report
 
@@ -58,6 +59,50 @@ def test_fit_again_resumes_finished_stages_without_retraining(fitted):
     mtimes = {k: p.stat().st_mtime_ns for k, p in files.items()}
     fit_potential(*args, fp32_options=FP32, int8_options=QAT)
     assert {k: p.stat().st_mtime_ns for k, p in files.items()} == mtimes
+
+
+def test_fit_on_other_inputs_is_refused_not_reused(fitted):
+    """A second fit whose data or options differ must not return the first fit's files."""
+    files, (train, test, name, out, work), _ = fitted
+    mtimes = {k: p.stat().st_mtime_ns for k, p in files.items()}
+    with pytest.raises(FitMismatchError, match=r"train_sha256 differ.*--redo"):
+        fit_potential(test, test, name, out, work, fp32_options=FP32, int8_options=QAT)
+    with pytest.raises(FitMismatchError, match="fp32_minutes"):
+        fit_potential(train, test, name, out, work, fp32_minutes=30, fp32_options=FP32, int8_options=QAT)
+    with pytest.raises(FitMismatchError, match="fp32_options"):
+        fit_potential(train, test, name, out, work, fp32_options={**FP32, "lr": 0.5}, int8_options=QAT)
+    assert {k: p.stat().st_mtime_ns for k, p in files.items()} == mtimes
+    # the device does not change the weights: the same fit on another device is the same fit
+    fit_potential(train, test, name, out, work, fp32_options={**FP32, "device": "cpu"}, int8_options=QAT)
+    assert {k: p.stat().st_mtime_ns for k, p in files.items()} == mtimes
+
+
+def test_redo_replaces_the_files_of_another_fit(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work" / "m"
+    guarded = [(out / "m_fit.json", [out / "m_fp32.pt", out / "m_int8.pt"]), (work / "fit.json", [work])]
+    check_or_reset({"train_sha256": "a"}, guarded, redo=False)
+    (out / "m_fp32.pt").write_bytes(b"old")
+    (work / "fp32").mkdir()
+    check_or_reset({"train_sha256": "a"}, guarded, redo=False)  # same inputs: resumed as it is
+    assert (out / "m_fp32.pt").exists() and (work / "fp32").exists()
+    with pytest.raises(FitMismatchError, match="train_sha256"):
+        check_or_reset({"train_sha256": "b"}, guarded, redo=False)
+    check_or_reset({"train_sha256": "b"}, guarded, redo=True)
+    assert not (out / "m_fp32.pt").exists() and not (work / "fp32").exists()
+    assert json.loads((out / "m_fit.json").read_text()) == {"train_sha256": "b"}
+    (out / "m_int8.pt").write_bytes(b"made by hand")
+    (out / "m_fit.json").unlink()
+    with pytest.raises(FitMismatchError, match="no record"):
+        check_or_reset({"train_sha256": "b"}, guarded, redo=False)
+
+
+def test_fit_name_stays_inside_the_output_folder(tmp_path):
+    for name in ("../../x", "a/b", "..", "", "-x"):
+        with pytest.raises(ValueError, match="plain file name"):
+            fit_potential("t.extxyz", "t.extxyz", name, tmp_path / "out", tmp_path / "work")
+    with pytest.raises(ValueError, match="fp32_minutes"):
+        fit_potential("t.extxyz", "t.extxyz", "ok", tmp_path / "out", tmp_path / "work", fp32_minutes=0)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
 
 
 def test_fit_rejects_unreadable_data_before_training(tmp_path):

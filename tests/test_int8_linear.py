@@ -314,8 +314,8 @@ def gemm_pair(make, gemm_a: str, gemm_b: str, limbs: int):
     return pair
 
 
-needs_onednn = pytest.mark.skipif(not hasattr(torch.ops.onednn, "qlinear_prepack"),
-                                  reason="this torch build has no oneDNN int8 linear")
+needs_onednn = pytest.mark.skipif(not hasattr(torch.ops.onednn, "qlinear_prepack") or not int8_linear.gemm_available("onednn"),
+                                  reason="oneDNN's int8 linear needs AMX-INT8 here (else a reference kernel)")
 
 
 @needs_onednn
@@ -410,46 +410,21 @@ def test_brgemm_and_int_mm_gemms_agree_bitwise(limbs, two_threads):
     assert torch.equal(layer.input_grad_from_codes(codes, scale, x), ref)
 
 
-def test_brgemm_without_amx_is_refused_by_name(monkeypatch):
+@pytest.mark.parametrize("gemm", ["brgemm", "onednn"])
+def test_amx_gemms_without_amx_are_refused_by_name(monkeypatch, gemm):
+    """Neither AMX GEMM is ever picked, or runs when asked for by name, on a CPU without AMX-INT8
+    (brgemm cannot run; oneDNN's int8 linear falls back to a reference kernel ~1000x slower)."""
     monkeypatch.setattr(int8_linear, "cpu_has_amx_int8", lambda: False)
     monkeypatch.delenv("QEQ_INT8_GEMM", raising=False)
-    with pytest.raises(ValueError, match="brgemm int8 GEMM needs a CPU with AMX-INT8"):
-        int8_linear.resolve_gemm("brgemm")
+    assert not int8_linear.gemm_available(gemm)
+    with pytest.raises(ValueError, match="needs a CPU with AMX-INT8"):
+        int8_linear.resolve_gemm(gemm)
+    monkeypatch.setenv("QEQ_INT8_GEMM", gemm)
+    with pytest.raises(ValueError, match="needs a CPU with AMX-INT8"):
+        int8_linear.resolve_gemm("auto")
+    monkeypatch.delenv("QEQ_INT8_GEMM")
     assert int8_linear.resolve_gemm("auto") == "int_mm"
-
-
-def test_multithreaded_quantizers_and_rescale_agree_bitwise_with_eager(two_threads):
-    """The C++ passes split rows over threads (built with -fopenmp): on inputs of many chunks
-    their codes, scales and outputs are still those of the eager definitions."""
-    cpp = int8_linear.load_cpp_kernels()
-    torch.manual_seed(14)
-    x, v, cs = torch.randn(3000, 96) * 0.7, torch.randn(900, 3, 96), torch.rand(96)
-    assert torch.equal(cpp.quantize_per_tensor(x, 0.01, 127), EagerKernels.quantize_per_tensor(x, 0.01, 127))
-    assert torch.equal(cpp.quantize_static_limbs(x, 0.01, 127), EagerKernels.quantize_static_limbs(x, 0.01, 127))
-    for limbs in (1, 2):
-        for a, b in zip(cpp.quantize_per_atom_limbs(v, 127, 1e-30, limbs),
-                        EagerKernels.quantize_per_atom_limbs(v, 127, 1e-30, limbs)):
-            assert torch.equal(a, b)
-        for a, b in zip(cpp.quantize_per_row_limbs(x, cs, 127, 1e-30, limbs),
-                        EagerKernels.quantize_per_row_limbs(x, cs, 127, 1e-30, limbs)):
-            assert torch.equal(a, b)
-    acc, rs, bias = torch.randint(-50000, 50000, (6000, 96), dtype=torch.int32), torch.rand(1), torch.randn(96)
-    assert torch.equal(cpp.rescale(acc, rs, 1, cs, bias, x, 0.01, 127, 2),
-                       EagerKernels.rescale(acc, rs, 1, cs, bias, x, 0.01, 127, 2))
-
-
-def test_planar_two_limb_codes_hold_the_interleaved_rows():
-    cpp = int8_linear.load_cpp_kernels()
-    torch.manual_seed(12)
-    x, v, cs = torch.randn(37, 20), torch.randn(11, 3, 20), torch.rand(20)
-    inter = cpp.quantize_static_limbs(x, 0.01, 127)
-    planar = cpp.quantize_static_limbs(x, 0.01, 127, planar=True)
-    assert torch.equal(planar, inter.view(37, 2, 20).transpose(0, 1).reshape(74, 20))
-    assert torch.equal(planar, EagerKernels.quantize_static_limbs(x, 0.01, 127, planar=True))
-    codes, scale = cpp.quantize_per_atom_limbs(v, 127, 1e-30, 2, planar=True)
-    assert torch.equal(codes, cpp.quantize_per_atom_limbs(v, 127, 1e-30, 2)[0].permute(2, 0, 1, 3))
-    assert torch.equal(codes, EagerKernels.quantize_per_atom_limbs(v, 127, 1e-30, 2, planar=True)[0])
-    codes, scale = cpp.quantize_per_row_limbs(x, cs, 127, 1e-30, 2, planar=True)
-    assert torch.equal(codes, cpp.quantize_per_row_limbs(x, cs, 127, 1e-30, 2)[0].view(37, 2, 20).transpose(0, 1)
-                       .reshape(74, 20))
-    assert torch.equal(codes, EagerKernels.quantize_per_row_limbs(x, cs, 127, 1e-30, 2, planar=True)[0])
+    layer = Int8ScalarLinear.from_qat(qat_scalar(N=40))
+    with pytest.raises(ValueError, match="needs a CPU with AMX-INT8"):
+        layer.set_gemm(gemm)
+    assert layer.gemm == "int_mm"

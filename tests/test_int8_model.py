@@ -29,6 +29,7 @@ from qeq_ase.checkpoint import (PotentialFileError, load_potential_file, pack_st
                                 save_potential)
 from qeq_ase.equivariance import check_equivariance
 from qeq_ase.graph import molecules_to_graph
+from qeq_ase.cpu_features import int_mm_is_exact
 from qeq_ase.int8_linear import Int8ScalarLinear, Int8VectorLinear, _brgemm_fits, cpu_has_amx_int8, resolve_gemm
 from qeq_ase.int8_model import (build_int8_model, convert_to_int8, int8_kernel_report, int8_model_skeleton,
                                 int8_state_dict, set_activation_limbs, set_backward_kernel, set_int8_gemm,
@@ -89,7 +90,12 @@ def int8_file(tmp_path_factory):
 def is_int8_gemm(event_name: str) -> bool:
     """Whether a profiler event is an int8 GEMM (``torch._int_mm``, oneDNN's int8 linear or
     the brgemm tiles of the C++ kernels)."""
-    return "_int_mm" in event_name or "qlinear_pointwise" in event_name or "qeq_int8_brgemm" in event_name
+    return ("_int_mm" in event_name or "qlinear_pointwise" in event_name or "qeq_int8_brgemm" in event_name
+            or "qeq_int8_gemm_via_float" in event_name)
+
+
+#: What a layer's ``kernel`` starts with when it runs the "int_mm" GEMM on this CPU.
+INT_MM_KERNEL = "torch._int_mm" if int_mm_is_exact() else "exact int8 GEMM via fp32"
 
 
 def test_every_scalar_and_vector_linear_runs_an_int8_gemm(models):
@@ -104,13 +110,13 @@ def test_every_scalar_and_vector_linear_runs_an_int8_gemm(models):
     assert report["layers"]["neighbor_embedding.radial"]["shape"] == "8 -> 16"
     assert report["layers"]["neighbor_embedding.combine"]["kind"].startswith("int8")
     int8_rows = [row for row in report["layers"].values() if row["kind"].startswith("int8")]
-    gemm = {"onednn": "oneDNN qlinear_pointwise", "brgemm": "oneDNN brgemm"}.get(resolve_gemm("auto"), "torch._int_mm")
+    gemm = {"onednn": "oneDNN qlinear_pointwise", "brgemm": "oneDNN brgemm"}.get(resolve_gemm("auto"), INT_MM_KERNEL)
     assert len(int8_rows) == n_int8
     for name, row in report["layers"].items():
         if row["kind"].startswith("int8"):  # brgemm: products too narrow for it run _int_mm
             layer = model.get_submodule(name)
             narrow = gemm == "oneDNN brgemm" and not _brgemm_fits(layer.weight_int8_t)
-            assert row["kernel"].startswith("torch._int_mm" if narrow else gemm), (name, row["kernel"])
+            assert row["kernel"].startswith(INT_MM_KERNEL if narrow else gemm), (name, row["kernel"])
     vector_mode = "atom" if scheme == "full" else "static"
     assert report["layers"]["layers.1.vector_mix"]["kind"] == f"int8 Int8VectorLinear, {vector_mode} inputs"
     # linked scalar observers became identities; vector_in stays a float fake quantizer

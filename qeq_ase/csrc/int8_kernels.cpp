@@ -495,6 +495,25 @@ void scale_rows_(at::Tensor& y, const at::Tensor& rs, int64_t group, const c10::
   });
 }
 
+// torch._int_mm runs oneDNN's s8 x s8 GEMM, which without VNNI or AMX sums u8 x s8 pairs in
+// saturating int16 and returns wrong integers (qeq_ase.cpu_features.int_mm_is_exact). There
+// the same integers come from a float GEMM: every partial sum of K <= kExactFloatK products of
+// codes |c| <= 127 is an integer below 2^24, which float32 holds exactly (float64 beyond).
+constexpr int64_t kExactFloatK = (int64_t{1} << 24) / (127 * 127);
+bool g_int_mm_via_float = false;
+
+void set_int_mm_via_float(bool on) { g_int_mm_via_float = on; }
+
+void int_mm_out(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  if (!g_int_mm_via_float) {
+    at::_int_mm_out(acc, a, b);
+    return;
+  }
+  RECORD_FUNCTION("qeq_int8_gemm_via_float", std::vector<c10::IValue>({a, b}));  // for torch.profiler
+  const auto dtype = a.size(1) <= kExactFloatK ? at::kFloat : at::kDouble;
+  acc.copy_(at::mm(a.to(dtype), b.to(dtype)));
+}
+
 // _int_mm(codes [L M, K], w [K, N]) then rescale, in blocks of rows whose int32 result
 // (<= 1 MB) stays in L2: the full int32 [L M, N] tensor is never written to memory, which
 // for M x N = 5000 x 640 saves two 12.8 MB passes (and the page faults of a fresh one).
@@ -508,7 +527,7 @@ at::Tensor gemm_rescale(const at::Tensor& codes, const at::Tensor& w, const Resc
   for (int64_t m0 = 0; m0 < M; m0 += block) {
     const int64_t rows = std::min(block, M - m0);
     auto acc_rows = acc.narrow(0, 0, L * rows);
-    at::_int_mm_out(acc_rows, codes.narrow(0, L * m0, L * rows), w);
+    int_mm_out(acc_rows, codes.narrow(0, L * m0, L * rows), w);
     rescale_rows(acc_rows.data_ptr<int32_t>(), m0, rows, N, p, out.data_ptr<float>());
   }
   return out;
@@ -811,5 +830,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rescale", &rescale, "int32 GEMM output -> float32 with row/column scales, bias, STE mask");
   m.def("ste_mask_", &ste_mask_, "in-place STE mask of a clamped quantizer");
   m.def("pack_vnni", &pack_vnni, "int8 [K, N] -> the VNNI layout [K/4, N, 4] of the brgemm micro-kernel");
+  m.def("set_int_mm_via_float", &set_int_mm_via_float,
+        "compute the int_mm GEMM's exact integers with a float GEMM (CPUs where torch._int_mm saturates)");
   m.attr("onednn_min_rows") = kOnednnMinRows;
 }
