@@ -18,6 +18,7 @@ import time
 import torch
 
 from qeq_ase.glibc_malloc import keep_large_allocations
+from qeq_ase.int8_linear import gemm_available
 from qeq_ase.int8_model import set_int8_gemm
 from qeq_ase.registry import load_model
 
@@ -40,6 +41,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--copies", type=int, default=64)
     args = parser.parse_args()
+    if not gemm_available("brgemm"):
+        parser.exit(2, "int8_layer_gemms.py compares the AMX-INT8 GEMMs; this CPU has no usable AMX-INT8\n")
     keep_large_allocations()
     fp32 = load_model("aspirin_fp32")[0].layers[1]
     int8 = {gemm: set_int8_gemm(load_model("aspirin_int8")[0], gemm).layers[1] for gemm in GEMMS}

@@ -9,6 +9,8 @@ property                  meaning
 ``free_energy``           same as ``energy`` (no electronic entropy)
 ``forces``                ``-dE/dpositions`` (eV/Å) ``[N, 3]``, by autograd
 ``energies``              per-atom energies (eV) ``[N]``; they sum to ``energy``
+``stress``                periodic cells only: ``(1/V) dE/dstrain`` (eV/Å³), ASE's Voigt
+                          order and sign (:mod:`qeq_ase.stress`); computed only when asked
 ========================  ======================================================
 
 The calculator only talks to the model through ``config.cutoff``, ``config.species``,
@@ -45,6 +47,7 @@ from .int8_model import is_int8_model, set_activation_limbs
 from .local_frame import check_no_overlap, local_frame
 from .model import QEqModel
 from .neighbors import molecule_edges, periodic_edges
+from .stress import stress_volume, voigt_stress
 
 #: Accepted spellings of the calculator's float dtype.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -118,7 +121,7 @@ class QEqCalculator(Calculator):
     :class:`~qeq_ase.checkpoint.PotentialFileError` for missing, corrupt or incompatible files.
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", "energies"]
+    implemented_properties = ["energy", "free_energy", "forces", "energies", "stress"]
 
     def __init__(self, model: str | os.PathLike | QEqModel = "aspirin_fp32", device: str | torch.device = "cpu",
                  dtype: str | torch.dtype | None = None, activation_limbs: int | None = None, **kwargs):
@@ -166,8 +169,11 @@ class QEqCalculator(Calculator):
         Calculator.calculate(self, atoms, properties, system_changes)
         atoms = self.atoms
         n_atoms = len(atoms)
+        volume = stress_volume(atoms) if "stress" in properties else None  # gas phase: PropertyNotImplementedError
         if n_atoms == 0:
             self.results = {"energy": 0.0, "free_energy": 0.0, "forces": np.zeros((0, 3)), "energies": np.zeros(0)}
+            if volume is not None:
+                self.results["stress"] = np.zeros(6)
             return
         positions = atoms.positions
         if not np.isfinite(positions).all():
@@ -178,7 +184,8 @@ class QEqCalculator(Calculator):
         pos = torch.as_tensor(local, dtype=self.dtype, device=self.device)
         edge_index, shift = self._edges(local, cell, pbc, pos)
         check_no_overlap(pos, edge_index, shift)
-        out = self.model.energy_and_forces(pos, species, edge_index, self._batch, 1, edge_shift=shift)
+        out = self.model.energy_and_forces(pos, species, edge_index, self._batch, 1, edge_shift=shift,
+                                           virial=volume is not None)
         finite = torch.isfinite(out["forces"]).all(dim=1)
         if not bool(finite.all() & torch.isfinite(out["energy"]).all()):
             bad = torch.nonzero(~finite).flatten()[:10].tolist()
@@ -191,6 +198,8 @@ class QEqCalculator(Calculator):
             "forces": out["forces"].detach().to("cpu", torch.float64).numpy(),
             "energies": out["energies"].detach().to("cpu", torch.float64).numpy(),
         }
+        if volume is not None:
+            self.results["stress"] = voigt_stress(out["virial"][0], volume)
 
     def calculate_batch(self, structures) -> list[tuple[float, np.ndarray]]:
         """``(energy eV, forces eV/Å)`` of each of many ``Atoms`` from one model call.

@@ -104,10 +104,10 @@ def check_equivariance(model: str | os.PathLike | torch.nn.Module, numbers: np.n
     lee, rot_e, trans_e, trans_f, perm_e, perm_f = [], [], [], [], [], []
     for x in positions:
         rotations = random_rotations(n_rotations, rng)
-        centre = x.mean(axis=0)
+        x = x - x.mean(axis=0)  # in float64, as the calculator does, so that float32 keeps the precision
         shift = rng.uniform(-translation_A, translation_A, size=3)
         perm = rng.permutation(len(numbers))
-        structures = [x] + [(x - centre) @ r.T + centre for r in rotations] + [x + shift, x[perm]]
+        structures = [x] + [x @ r.T for r in rotations] + [x + shift, x[perm]]
         species = [numbers] * (n_rotations + 2) + [numbers[perm]]
         energy, forces = predict_batch(model, species, structures, dtype, device)
         f0 = forces[0]

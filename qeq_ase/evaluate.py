@@ -20,7 +20,8 @@ def predict_frames(model: QEqModel, frames: Frames, batch_size: int = 32) -> tup
     energies, forces = [], []
     for start in range(0, len(frames), batch_size):
         pos = frames.positions[start:start + batch_size]
-        graph = molecules_to_graph([frames.numbers] * len(pos), list(pos), model.config.cutoff, dtype, device)
+        graph = molecules_to_graph([frames.numbers] * len(pos), list(pos), model.config.cutoff, dtype, device,
+                                   centre=True)
         out = model.energy_and_forces(graph.positions, model.species_index(graph.numbers), graph.edge_index,
                                       graph.batch, graph.num_graphs)
         energies.append(out["energy"].detach().cpu().numpy())

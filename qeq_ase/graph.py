@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .local_frame import local_positions
 from .neighbors import molecule_edges
 
 
@@ -40,10 +41,14 @@ class AtomicGraph:
 
 def molecules_to_graph(numbers: list[np.ndarray] | np.ndarray, positions: list[np.ndarray] | np.ndarray,
                        cutoff: float, dtype: torch.dtype = torch.float32, device="cpu",
-                       method: str = "auto") -> AtomicGraph:
-    """Batch non-periodic molecules (lists of ``[n_i]`` numbers and ``[n_i, 3]`` positions in Å)."""
+                       method: str = "auto", centre: bool = False) -> AtomicGraph:
+    """Batch non-periodic molecules (lists of ``[n_i]`` numbers and ``[n_i, 3]`` positions in Å).
+
+    ``centre=True`` moves each molecule to its centroid in float64 before the cast to ``dtype``
+    (:func:`~qeq_ase.local_frame.local_positions`), as the calculator does: rMD17's benzene
+    frames lie 199 Å from the origin, where float32 positions are 1.5e-5 Å apart."""
     numbers = [np.asarray(z) for z in numbers]
-    positions = [np.asarray(p) for p in positions]
+    positions = [local_positions(p) if centre else np.asarray(p) for p in positions]
     counts = [len(z) for z in numbers]
     pos = torch.as_tensor(np.concatenate(positions), dtype=dtype, device=device)
     z = torch.as_tensor(np.concatenate(numbers), dtype=torch.long, device=device)

@@ -6,7 +6,7 @@ for NVE. Random numbers come from one ``np.random.default_rng(seed)`` per run (i
 velocities and Langevin noise), never from the global ``np.random``; its state is saved
 with every block of frames, so a resumed Langevin run continues the same random sequence.
 
-Frames go to an HDF5 file (layout in :mod:`qeq_ase.md_trajectory`) every ``write_every``
+Frames go to an H5MD file (layout in :mod:`qeq_ase.md_trajectory`) every ``write_every``
 steps and are flushed every ``flush_every`` frames: an interrupted run loses at most
 ``flush_every`` frames, and ``resume=True`` continues from the last complete frame
 (positions, velocities, step, RNG state) without duplicating or skipping frames.
@@ -265,10 +265,11 @@ def run_md(atoms_or_source: Atoms | str | os.PathLike | None, model=None, *, ens
     dyn = _integrator(atoms, settings, rng)
 
     if resume:
-        writer = TrajectoryWriter.append_to(trajectory, flush_every)
+        writer = TrajectoryWriter.append_to(trajectory, flush_every, {"steps": int(steps)})
     else:
         meta = {**settings, "seed": int(seed), **calculator_identity(calc), "device": str(device),
-                "source": str(atoms_or_source) if not isinstance(atoms_or_source, Atoms) else "<Atoms>"}
+                "source": str(atoms_or_source) if not isinstance(atoms_or_source, Atoms) else "<Atoms>",
+                "steps": int(steps)}
         writer = TrajectoryWriter.create(trajectory, atoms.numbers, atoms.get_masses(), atoms.cell[:], atoms.pbc,
                                          meta, flush_every)
     temperatures, totals = [], []
@@ -277,7 +278,7 @@ def run_md(atoms_or_source: Atoms | str | os.PathLike | None, model=None, *, ens
         frame = _frame(atoms, step, timestep_fs)
         temperatures.append(frame["temperature"])
         totals.append(frame["total_energy"])
-        writer.add(frame, {"rng_state": json.dumps(rng.bit_generator.state), "steps": int(steps)})
+        writer.add(frame, rng_state=json.dumps(rng.bit_generator.state))
 
     from tqdm.auto import tqdm
 
@@ -359,9 +360,10 @@ def _run_parser() -> argparse.ArgumentParser:
 
 
 def _convert_main(argv: list[str]) -> None:
-    parser = ArgumentParser(prog="qeq-md convert", description="HDF5 trajectory -> any ASE format.")
+    parser = ArgumentParser(prog="qeq-md convert", description="HDF5 trajectory -> any ASE format, or -> a "
+                            "trajectory in the current H5MD layout (an .h5/.hdf5/.h5md output; migrates older files).")
     parser.add_argument("trajectory", help="HDF5 file written by qeq-md")
-    parser.add_argument("output", help="output file; format from the extension (.extxyz, .traj, ...)")
+    parser.add_argument("output", help="output file; format from the extension (.extxyz, .traj, ..., .h5)")
     parser.add_argument("--every", type=positive_int, default=1, help="keep every n-th frame")
     parser.add_argument("--format", default=None, help="ASE format name if the extension is not enough")
     args = parser.parse_args(argv)

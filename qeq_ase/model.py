@@ -17,6 +17,7 @@ from .attention import EquivariantAttention, scatter_sum
 from .edge_kernel import edge_backend, edge_blocks, receiver_order
 from .layers import LayerFactory
 from .radial import RADIAL_BASES, cosine_cutoff
+from .stress import apply_strain
 
 
 @dataclass
@@ -186,23 +187,33 @@ class QEqModel(nn.Module):
 
     def energy_and_forces(self, positions: torch.Tensor, species: torch.Tensor, edge_index: torch.Tensor,
                           batch: torch.Tensor, num_graphs: int, edge_shift: torch.Tensor | None = None,
-                          training: bool = False) -> dict[str, torch.Tensor]:
+                          training: bool = False, virial: bool = False) -> dict[str, torch.Tensor]:
         """Energies (eV, float64 ``[num_graphs]``), forces (eV/Å ``[N, 3]``), per-atom energies.
 
         ``training=True`` keeps the graph of the force computation so a loss on forces can
         be back-propagated (double backward) and runs the eager layers; otherwise, on the
         CPU, the per-edge work runs in the fused kernel (:mod:`qeq_ase.edge_kernel`).
+        ``virial=True`` also returns ``virial`` (eV, ``[num_graphs, 3, 3]``, model dtype):
+        ``-dE/deps`` under a symmetric strain of positions and edge shifts (:mod:`qeq_ase.stress`).
         """
         if not positions.requires_grad:
             positions = positions.detach().requires_grad_(True)
         fused = not training and positions.device.type == "cpu" and self.edge_backend() == "cpp"
         with torch.enable_grad():
-            atomic = self.forward(positions, species, edge_index, edge_shift, fused=fused)
-            grad, = torch.autograd.grad(atomic.sum(), positions, create_graph=training)
+            if virial:
+                strained, shift, strain = apply_strain(positions, edge_shift, edge_index, batch, num_graphs)
+                atomic = self.forward(strained, species, edge_index, shift, fused=fused)
+                grad, strain_grad = torch.autograd.grad(atomic.sum(), (positions, strain), create_graph=training)
+            else:
+                atomic = self.forward(positions, species, edge_index, edge_shift, fused=fused)
+                grad, = torch.autograd.grad(atomic.sum(), positions, create_graph=training)
         atomic64 = atomic.to(torch.float64) + self.reference_energy[species]
         energy = scatter_sum(atomic64, batch, num_graphs)
-        return {"energy": energy, "forces": -grad, "energies": atomic64,
-                "interaction_energy": scatter_sum(atomic, batch, num_graphs)}
+        out = {"energy": energy, "forces": -grad, "energies": atomic64,
+               "interaction_energy": scatter_sum(atomic, batch, num_graphs)}
+        if virial:
+            out["virial"] = -strain_grad
+        return out
 
     def edge_backend(self) -> str:
         """What runs the layers' per-edge work at inference: ``"cpp"`` (fused) or ``"eager"``."""

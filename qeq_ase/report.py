@@ -31,6 +31,7 @@ from ase import Atoms
 from .checkpoint import read_potential_file
 from .dataset import RMD17_MOLECULES, file_sha256, load_rmd17, rmd17_path
 from .edge_kernel import edge_backend
+from .cpu_features import cpu_model_name
 from .int8_linear import resolve_gemm
 from .published_rmd17 import PUBLISHED_RMD17, SOURCE
 from .registry import potentials_dir
@@ -159,7 +160,7 @@ def _fmt(value, digits: int = 1) -> str:
 
 def render_markdown(results: dict, settings: dict, figure_names: list[str]) -> str:
     """``docs/results.md`` from the measurements."""
-    machine = platform.processor() or platform.machine()
+    machine = cpu_model_name() or platform.machine()
     gemms = sorted({r["settings"].get("int8_gemm", "int_mm") for r in results.values() if r["precision"] == "int8"})
     lines = [
         "# Results on rMD17 (generated)",

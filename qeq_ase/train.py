@@ -321,7 +321,7 @@ class Trainer:
     def _batch(self, frames: Frames, index: np.ndarray, model: QEqModel | None = None):
         model = model or self.model
         graph = molecules_to_graph([frames.numbers] * len(index), list(frames.positions[index]),
-                                   model.config.cutoff, torch.float32, self.device)
+                                   model.config.cutoff, torch.float32, self.device, centre=True)
         species = model.species_index(graph.numbers)
         ref = model.reference_energy[species]
         target_e = torch.as_tensor(frames.energy[index], device=self.device)

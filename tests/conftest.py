@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random potential file and aspirin frames from rMD17."""
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +69,19 @@ def _private_data_cache(tmp_path_factory):
         os.environ.pop("QEQ_CACHE_DIR", None)
     else:
         os.environ["QEQ_CACHE_DIR"] = previous
+
+
+@pytest.fixture
+def processes():
+    """Processes a test starts; all are stopped at its end, whether it passed or not."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+    for process in started:
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,9 +1,5 @@
 """qeq-ipi: an i-PI server with qeq-ase force clients records our calculator's energies."""
 
-import importlib.util
-import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,14 +10,9 @@ import torch
 from ase import units
 from ase.calculators.calculator import Calculator
 
-import qeq_ase
 from qeq_ase.calculator import QEqCalculator
-from qeq_ase.ipi import connect, main, stress_mode, unix_socket_path
-
-PACKAGE_ROOT = str(Path(qeq_ase.__file__).resolve().parents[1])
-IPI_SCRIPT = shutil.which("i-pi", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-needs_ipi = pytest.mark.skipif(importlib.util.find_spec("ipi") is None or IPI_SCRIPT is None,
-                               reason="i-PI is not installed (pip install ipi)")
+from qeq_ase.ipi import connect, stress_mode, unix_socket_path
+from ipi_harness import IPI_SCRIPT, needs_ipi, start, wait_for
 
 #: i-PI input: 2 beads from the same positions, 3 steps; every bead's potential (Hartree,
 #: printed to full precision) and positions (bohr, binary float64) at every step.
@@ -49,42 +40,6 @@ INPUT_XML = """<simulation verbosity="low" floatformat="%.17e" sockets_prefix="{
   </system>
 </simulation>
 """
-
-
-@pytest.fixture
-def processes():
-    """Processes a test starts; all are stopped at its end, whether it passed or not."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.terminate()
-    for process in started:
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def start(processes: list, command: list[str], log: Path, cwd: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])))
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    processes.append(process)
-    return process
-
-
-def wait_for(server: subprocess.Popen, clients: list[subprocess.Popen], logs: list[Path], timeout_s: float) -> None:
-    """Until the server exits; fails if it times out or every client died first."""
-    deadline = time.monotonic() + timeout_s
-    while server.poll() is None:
-        if all(c.poll() is not None for c in clients) or time.monotonic() > deadline:
-            time.sleep(0.5)  # the server may be finishing
-            if server.poll() is None:
-                text = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in logs)
-                pytest.fail(f"i-PI did not finish (clients exited: {[c.poll() for c in clients]})\n{text}")
-        time.sleep(0.1)
 
 
 def read_ipi_binary(path: Path, natoms: int, frames: int) -> np.ndarray:
@@ -161,8 +116,8 @@ def test_unix_socket_names_and_paths(tmp_path):
         connect(unix="x", port=31415)
 
 
-class _WithStress(Calculator):
-    implemented_properties = ["energy", "forces", "stress"]
+class _WithoutStress(Calculator):
+    implemented_properties = ["energy", "forces"]
 
 
 def test_stress_is_never_made_up(tiny_potential_path, aspirin):
@@ -171,17 +126,6 @@ def test_stress_is_never_made_up(tiny_potential_path, aspirin):
     assert not use_stress and "no stress" in message and "zero" in message
     crystal = aspirin.copy()
     crystal.cell, crystal.pbc = [12.0, 12.0, 12.0], True
-    if "stress" not in QEqCalculator.implemented_properties:
-        with pytest.raises(ValueError, match="made-up virial"):
-            stress_mode(crystal, calc)
-    assert stress_mode(crystal, _WithStress()) == (True, "periodic structure: the virial sent to i-PI is -volume * stress")
-
-
-@pytest.mark.skipif("stress" in QEqCalculator.implemented_properties, reason="the calculator has a stress now")
-def test_cli_refuses_a_periodic_structure_before_connecting(tmp_path, tiny_potential_path, aspirin, capsys):
-    crystal = aspirin.copy()
-    crystal.cell, crystal.pbc = [12.0, 12.0, 12.0], True
-    crystal.write(tmp_path / "crystal.extxyz")
-    with pytest.raises(SystemExit) as stop:
-        main([str(tmp_path / "crystal.extxyz"), "--model", str(tiny_potential_path), "--unix", str(tmp_path / "s")])
-    assert stop.value.code == 2 and "made-up virial" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="made-up virial"):
+        stress_mode(crystal, _WithoutStress())
+    assert stress_mode(crystal, calc) == (True, "periodic structure: the virial sent to i-PI is -volume * stress")
