@@ -95,9 +95,11 @@ def test_shipped_potential_reproduces_recorded_test_errors(name):
         # int8 energies: the float GEMMs around the int8 layers round differently on another CPU
         # (oneDNN picks its fp32 kernels by microarchitecture), which flips fine-grid input codes on
         # rounding boundaries: measured up to 0.5% on the energy MAE of three files on a second
-        # machine of this project's kind (the forces stayed within 1e-3)
-        energy_rel = 1e-2 if is_int8_model(model) else 1e-3
-        assert measured["energy_mae_meV"] == pytest.approx(recorded["energy_mae_meV"], rel=energy_rel, abs=1e-3)
+        # machine of this project's kind (the forces stayed within 1e-3), and on benzene_int8
+        # (MAE 0.49 meV) 8 µeV = 1.7% with AVX2 float kernels: the same floor as for another GEMM
+        energy_rel, energy_abs = ((REPRODUCE_OTHER_GEMM["energy_rel"], REPRODUCE_OTHER_GEMM["energy_abs_meV"])
+                                  if is_int8_model(model) else (1e-3, 1e-3))
+        assert measured["energy_mae_meV"] == pytest.approx(recorded["energy_mae_meV"], rel=energy_rel, abs=energy_abs)
     if is_int8_model(model) and resolve_gemm("auto") != recorded_gemm:
         set_int8_gemm(model, "auto")
         other = measured if not same_gemm else errors()
