@@ -11,7 +11,6 @@ exact int8 products from fp32 GEMMs on CPUs without VNNI (AVX2), where ``torch._
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ import sys
 import torch
 
 from . import cpp_extension, edge_kernel, int8_linear, node_update  # noqa: F401  (registers the kernels)
+from .cli_args import ArgumentParser, user_errors
 from .cpu_features import describe, int_mm_is_exact
 
 GEMM_NAMES = {"int_mm": "torch._int_mm (oneDNN VNNI GEMM)", "brgemm": "oneDNN brgemm micro-kernel (AMX-INT8)",
@@ -83,15 +83,13 @@ def format_report(machine: dict, potentials: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qeq-info", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="qeq-info", description=__doc__.split("\n\n")[0])
     parser.add_argument("potentials", nargs="*", help="shipped potential names or potential files to describe")
     parser.add_argument("--build", action="store_true", help="compile the C++ kernels now if they are not built")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
-    try:
+    with user_errors("qeq-info"):
         potentials = [potential_report(name) for name in args.potentials]
-    except (ValueError, OSError) as err:
-        parser.exit(2, f"qeq-info: error: {err}\n")
     machine = machine_report(build=args.build)
     if args.json:
         print(json.dumps({"machine": machine, "potentials": potentials}, indent=2))

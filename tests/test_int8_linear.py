@@ -428,3 +428,40 @@ def test_amx_gemms_without_amx_are_refused_by_name(monkeypatch, gemm):
     with pytest.raises(ValueError, match="needs a CPU with AMX-INT8"):
         layer.set_gemm(gemm)
     assert layer.gemm == "int_mm"
+
+
+def test_multithreaded_quantizers_and_rescale_agree_bitwise_with_eager(two_threads):
+    """The C++ passes split rows over threads (built with -fopenmp): on inputs of many chunks
+    their codes, scales and outputs are still those of the eager definitions."""
+    cpp = int8_linear.load_cpp_kernels()
+    torch.manual_seed(14)
+    x, v, cs = torch.randn(3000, 96) * 0.7, torch.randn(900, 3, 96), torch.rand(96)
+    assert torch.equal(cpp.quantize_per_tensor(x, 0.01, 127), EagerKernels.quantize_per_tensor(x, 0.01, 127))
+    assert torch.equal(cpp.quantize_static_limbs(x, 0.01, 127), EagerKernels.quantize_static_limbs(x, 0.01, 127))
+    for limbs in (1, 2):
+        for a, b in zip(cpp.quantize_per_atom_limbs(v, 127, 1e-30, limbs),
+                        EagerKernels.quantize_per_atom_limbs(v, 127, 1e-30, limbs)):
+            assert torch.equal(a, b)
+        for a, b in zip(cpp.quantize_per_row_limbs(x, cs, 127, 1e-30, limbs),
+                        EagerKernels.quantize_per_row_limbs(x, cs, 127, 1e-30, limbs)):
+            assert torch.equal(a, b)
+    acc, rs, bias = torch.randint(-50000, 50000, (6000, 96), dtype=torch.int32), torch.rand(1), torch.randn(96)
+    assert torch.equal(cpp.rescale(acc, rs, 1, cs, bias, x, 0.01, 127, 2),
+                       EagerKernels.rescale(acc, rs, 1, cs, bias, x, 0.01, 127, 2))
+
+
+def test_planar_two_limb_codes_hold_the_interleaved_rows():
+    cpp = int8_linear.load_cpp_kernels()
+    torch.manual_seed(12)
+    x, v, cs = torch.randn(37, 20), torch.randn(11, 3, 20), torch.rand(20)
+    inter = cpp.quantize_static_limbs(x, 0.01, 127)
+    planar = cpp.quantize_static_limbs(x, 0.01, 127, planar=True)
+    assert torch.equal(planar, inter.view(37, 2, 20).transpose(0, 1).reshape(74, 20))
+    assert torch.equal(planar, EagerKernels.quantize_static_limbs(x, 0.01, 127, planar=True))
+    codes, scale = cpp.quantize_per_atom_limbs(v, 127, 1e-30, 2, planar=True)
+    assert torch.equal(codes, cpp.quantize_per_atom_limbs(v, 127, 1e-30, 2)[0].permute(2, 0, 1, 3))
+    assert torch.equal(codes, EagerKernels.quantize_per_atom_limbs(v, 127, 1e-30, 2, planar=True)[0])
+    codes, scale = cpp.quantize_per_row_limbs(x, cs, 127, 1e-30, 2, planar=True)
+    assert torch.equal(codes, cpp.quantize_per_row_limbs(x, cs, 127, 1e-30, 2)[0].view(37, 2, 20).transpose(0, 1)
+                       .reshape(74, 20))
+    assert torch.equal(codes, EagerKernels.quantize_per_row_limbs(x, cs, 127, 1e-30, 2, planar=True)[0])
