@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,7 @@ class TrainConfig:
     init_from: str | None = None                        # potential file to start from (fine-tuning)
     quantization: dict | None = None                    # QAT options, see QuantizationConfig
     device: str = "cpu"
+    compile: bool = False                               # energy + forces as one compiled graph (compiled_forces)
     energy_key: str = "energy"                          # extended XYZ keys (e.g. MACE's REF_energy)
     forces_key: str = "forces"
 
@@ -100,6 +102,8 @@ class TrainConfig:
             if not ok_type or not math.isfinite(value) or value < low or (strict and value == low):
                 raise ValueError(f"training option {name} must be {'an integer' if kind is int else 'a number'} "
                                  f"{'>' if strict else '>='} {low}, got {value!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"training option compile must be true or false, got {self.compile!r}")
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "TrainConfig":
@@ -233,6 +237,7 @@ class Trainer:
             self._set_energy_statistics(self.train)
         self.model.to(self.device)
         self.ema = EMA(self.model, cfg.ema_decay)
+        self.energy_and_forces = self._training_forward()
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, cfg.weight_decay), lr=cfg.lr)
         self.epoch, self.step, self.elapsed_s, self.best = 0, 0, 0.0, math.inf
         if resume:
@@ -242,6 +247,16 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "config.yaml", "w") as f:
             yaml.safe_dump(asdict(cfg), f, sort_keys=False)
+
+    def _training_forward(self):
+        """``(positions, species, edge_index, batch, num_graphs) -> {interaction_energy, forces}``."""
+        if not self.cfg.compile:
+            return partial(self.model.energy_and_forces, training=True)
+        if self.quant:
+            raise ValueError("compile: true is for float training; quantization-aware training runs eager")
+        from .compiled_forces import CompiledEnergyForces
+
+        return CompiledEnergyForces(self.model)
 
     def _to_qat(self, float_model: QEqModel) -> QEqModel:
         """The QAT twin of ``float_model`` with its activation steps calibrated on float batches."""
@@ -344,8 +359,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             graph, species, target_e, target_f = self._batch(self.train, index)
-            out = model.energy_and_forces(graph.positions, species, graph.edge_index, graph.batch,
-                                          graph.num_graphs, training=True)
+            out = self.energy_and_forces(graph.positions, species, graph.edge_index, graph.batch, graph.num_graphs)
             loss = (cfg.energy_weight * (out["interaction_energy"] - target_e).pow(2).mean()
                     + cfg.force_weight * (out["forces"] - target_f).pow(2).mean())
             self.optimizer.zero_grad(set_to_none=True)

@@ -169,3 +169,25 @@ def test_qat_requires_a_float_starting_point(tmp_path, rmd17_dir):
         Trainer(tiny_config(tmp_path, rmd17_dir, quantization={"scheme": "full"}))
     with pytest.raises(ValueError, match="unknown quantization option"):
         Trainer(tiny_config(tmp_path, rmd17_dir, init_from="x.pt", quantization={"sheme": "full"}))
+
+
+def test_compile_option_is_a_boolean_and_float_only(tmp_path, rmd17_dir):
+    with pytest.raises(ValueError, match="compile must be true or false"):
+        tiny_config(tmp_path, rmd17_dir, compile="yes")
+    potential = Trainer(tiny_config(tmp_path / "a", rmd17_dir))
+    potential._save_potential("best.pt", {})
+    with pytest.raises(ValueError, match="quantization-aware training runs eager"):
+        Trainer(tiny_config(tmp_path / "b", rmd17_dir, compile=True, init_from=str(tmp_path / "a/run/best.pt"),
+                            quantization={"scheme": "full"}))
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_training(tmp_path, rmd17_dir):
+    """One epoch of each from the same seed: the same weights to float32 rounding."""
+    weights = []
+    for compile in (False, True):
+        trainer = Trainer(tiny_config(tmp_path / str(compile), rmd17_dir, compile=compile, max_epochs=1))
+        trainer.run()
+        weights.append(trainer.model.state_dict())
+    for name, eager in weights[0].items():
+        torch.testing.assert_close(weights[1][name], eager, rtol=1e-3, atol=1e-5, msg=name)
