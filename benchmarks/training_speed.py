@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of each")
     parser.add_argument("--baseline-tree", default=None, help="a checkout whose eager step is timed too")
+    parser.add_argument("--profile", action="store_true", help="print the ops that take the compiled step's time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = TrainConfig.from_yaml(args.config)
@@ -120,6 +121,11 @@ def main() -> None:
               f"{' / '.join(f'{m * steps_per_epoch / 1000:.1f}' for m in ms)} s/epoch")
     ratio = [c / e for c, e in zip(medians["compiled"], medians["eager"])]
     print(f"compiled / eager time per step: {' / '.join(f'{r:.2f}' for r in ratio)}")
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(args.steps):
+                loss_and_step(trainer, compiled, batch())
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 if __name__ == "__main__":

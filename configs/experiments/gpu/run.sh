@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Train the three configs/gpu/aspirin_fp32_gpu_*.yaml side by side on one GPU, then copy each
+# Train the three configs/experiments/gpu/aspirin_fp32_gpu_*.yaml side by side on one GPU, then copy each
 # run's best.pt and final.pt and the logs (7 files, under 16 MB each) to OUTDIR. Run from the
-# repository root with the rMD17 split files in ../shared/rmd17: bash configs/gpu/run.sh OUTDIR
+# repository root with the rMD17 split files in ../shared/rmd17: bash configs/experiments/gpu/run.sh OUTDIR
 set -u
 out=${1:?usage: run.sh OUTDIR}
 mkdir -p "$out"
@@ -18,7 +18,7 @@ fi
 names=(b16 b32 b64)
 mkdir -p runs
 for n in "${names[@]}"; do
-  timeout "${TRAIN_TIMEOUT_S:-530}" python3 -m qeq_ase.train "configs/gpu/aspirin_fp32_gpu_$n.yaml" --device "${DEVICE:-cuda}" --threads 1 > "runs/train_$n.log" 2>&1 &
+  timeout "${TRAIN_TIMEOUT_S:-530}" python3 -m qeq_ase.train "configs/experiments/gpu/aspirin_fp32_gpu_$n.yaml" --device "${DEVICE:-cuda}" --threads 1 > "runs/train_$n.log" 2>&1 &
 done
 wait
 for n in "${names[@]}"; do
