@@ -5,12 +5,12 @@
 Structures are the first ``--structures`` frames of the rMD17 aspirin test split (different
 geometries, 21 atoms each). "sequential" is ``calc.get_potential_energy(atoms)`` plus
 ``calc.get_forces(atoms)`` for each in turn, as an ASE loop over replicas does;
-"batched" is ``calc.calculate_batch(structures)`` (:func:`qeq_ase.batch.evaluate_batch`).
+"batched" is ``calc.calculate_batch(structures)`` (:func:`qeq_ase.md.batch.evaluate_batch`).
 Both include their neighbour lists. Both run once to warm up, then ``--rounds`` times
 interleaved; the fastest round of each is printed (the one least disturbed by other load on
 a shared machine), with sequential / batched as the speed-up. The largest
 differences from the sequential results are printed as a check. This script sets torch's
-thread count and glibc's malloc thresholds (``qeq_ase.glibc_malloc``) for its own process.
+thread count and glibc's malloc thresholds (``qeq_ase.kernels.glibc_malloc``) for its own process.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 from ase import Atoms
 
 from qeq_ase.calculator import QEqCalculator
-from qeq_ase.dataset import load_rmd17
-from qeq_ase.glibc_malloc import keep_large_allocations
+from qeq_ase.data.dataset import load_rmd17
+from qeq_ase.kernels.glibc_malloc import keep_large_allocations
 
 RMD17 = Path(__file__).resolve().parents[2] / "shared" / "rmd17" / "rmd17_aspirin_test_01.npz"
 

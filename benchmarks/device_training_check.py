@@ -20,12 +20,12 @@ import copy
 import numpy as np
 import torch
 
-import qeq_ase.neighbors as neighbors
-from qeq_ase.checkpoint import load_potential_file
-from qeq_ase.dataset import load_frames
-from qeq_ase.evaluate import evaluate
-from qeq_ase.graph import molecules_to_graph
-from qeq_ase.train import TrainConfig, Trainer
+import qeq_ase.data.neighbors as neighbors
+from qeq_ase.io.checkpoint import load_potential_file
+from qeq_ase.data.dataset import load_frames
+from qeq_ase.train.evaluate import evaluate
+from qeq_ase.data.graph import molecules_to_graph
+from qeq_ase.train.trainer import TrainConfig, Trainer
 
 
 def batch_gradients(model, frames, device, dtype):

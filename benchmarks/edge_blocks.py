@@ -11,7 +11,7 @@ ms per call and the number of blocks per layer.
 
 ``--default-malloc`` leaves glibc's malloc as a plain Python script has it (tensors over
 32 MB mmapped and page-faulted anew on every call); otherwise large allocations are kept
-(``qeq_ase.glibc_malloc.keep_large_allocations``, as the qeq-ase commands do).
+(``qeq_ase.kernels.glibc_malloc.keep_large_allocations``, as the qeq-ase commands do).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from inference_speed import copies_of_aspirin, one_call
-from qeq_ase import edge_kernel
+from qeq_ase.kernels import edge_kernel
 from qeq_ase.calculator import QEqCalculator
-from qeq_ase.glibc_malloc import keep_large_allocations
+from qeq_ase.kernels.glibc_malloc import keep_large_allocations
 
 
 def main() -> None:
@@ -66,7 +66,7 @@ def main() -> None:
 
 
 def blocks_per_layer(atoms, cutoff: float, row_bytes: int) -> int:
-    from qeq_ase.neighbors import molecule_edges
+    from qeq_ase.data.neighbors import molecule_edges
 
     edge_index = molecule_edges(torch.as_tensor(atoms.positions), cutoff)
     order = edge_kernel.receiver_order(edge_index)

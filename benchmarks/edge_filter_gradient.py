@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from qeq_ase.edge_kernel import EdgeCSR, load_edge_kernel, receiver_order
-from qeq_ase.int8_linear import load_cpp_kernels
-from qeq_ase.quantizers import TINY
+from qeq_ase.kernels.edge_kernel import EdgeCSR, load_edge_kernel, receiver_order
+from qeq_ase.quant.int8_kernels import load_cpp_kernels
+from qeq_ase.quant.quantizers import TINY
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -43,7 +43,7 @@ def edges(graph: str, gen: torch.Generator) -> tuple[torch.Tensor, int]:
         sender = torch.randint(0, N, (N * degree,), generator=gen)
         return torch.stack([sender, torch.arange(N).repeat_interleave(degree)]), N
     from inference_speed import copies_of_aspirin  # benchmarks/ is on sys.path when run as a script
-    from qeq_ase.neighbors import molecule_edges
+    from qeq_ase.data.neighbors import molecule_edges
 
     atoms = copies_of_aspirin(64)
     edge_index = molecule_edges(torch.as_tensor(atoms.positions), 5.0)

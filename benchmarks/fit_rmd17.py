@@ -2,7 +2,7 @@
 
     python benchmarks/fit_rmd17.py ethanol malonaldehyde --threads 1     # resumable; rerun after a stop
 
-Each molecule goes through :func:`qeq_ase.fit.fit_potential` (the recipe of the aspirin
+Each molecule goes through :func:`qeq_ase.train.fit.fit_potential` (the recipe of the aspirin
 potentials) on ``rmd17_<molecule>_train_01.npz`` and is tested on all of
 ``rmd17_<molecule>_test_01.npz``; the files land in ``potentials/``. Budgets grow with the
 number of atoms because an epoch's cost grows with the number of edges (nearly all pairs lie
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from qeq_ase.dataset import RMD17_MOLECULES, rmd17_path
-from qeq_ase.fit import fit_potential
-from qeq_ase.md import default_rmd17_dir
+from qeq_ase.data.dataset import RMD17_MOLECULES, rmd17_path
+from qeq_ase.train.fit import fit_potential
+from qeq_ase.md.driver import default_rmd17_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 #: float32 minutes per molecule (atoms in brackets); the INT8 fine-tune gets INT8_MINUTES.

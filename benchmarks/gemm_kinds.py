@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from qeq_ase.int8_linear import load_cpp_kernels
+from qeq_ase.quant.int8_kernels import load_cpp_kernels
 
 # edge filter (one aspirin), qkv (64 aspirin), edge backward (64), readout backward (64: K = 1)
 SHAPES = [(840, 128, 512), (1344, 128, 640), (18688, 512, 128), (1344, 1, 64)]

@@ -9,7 +9,7 @@ one in fp32 ("int8 float-bwd", ``set_backward_kernel(model, "float")``, the ship
 before 2026-11-28), and as the shipped setting with ``torch._int_mm`` as its GEMM ("int8
 _int_mm", ``set_int8_gemm(model, "int_mm")``) or oneDNN's int8 linear ("int8 qlinear",
 ``"onednn"``, the default on AMX CPUs before 2026-11-28); the others use the default GEMM,
-oneDNN's brgemm micro-kernel on AMX CPUs (``qeq_ase.int8_linear``).
+oneDNN's brgemm micro-kernel on AMX CPUs (``qeq_ase.quant.int8_linear``).
 
     PYTHONPATH=. python benchmarks/inference_speed.py [--fp32 aspirin_fp32] [--int8 aspirin_int8]
         [--threads 1 2] [--systems 1 64 476] [--seconds 3] [--op-table K]
@@ -26,13 +26,13 @@ share of self CPU time spent in matrix products (``aten::mm``/``addmm``/``bmm``/
 fp32 and INT8 load the shipped files: the same architecture, the INT8 weights being the
 quantization-aware fine-tune of the fp32 ones. bf16 is the fp32 model under
 ``torch.autocast("cpu", dtype=torch.bfloat16)``. All of them run the layers' per-edge work
-in the fused C++ kernel (``qeq_ase/edge_kernel.py``); the column "fp32 eager edges" is the
+in the fused C++ kernel (``qeq_ase/kernels/edge_kernel.py``); the column "fp32 eager edges" is the
 fp32 model with ``QEQ_EDGE_BACKEND=eager`` (the per-edge work as separate torch ops, as
 before the kernel existed), and "fused speed-up" is its time over fp32's. "edge share" is
 the fused kernel's share of the fp32 profile. Run it on an idle machine; this script sets
 torch's thread count and ``QEQ_EDGE_BACKEND`` (a benchmark may; the library never does), and
 keeps glibc from mmapping large tensors anew on every call like the qeq-ase commands do
-(``qeq_ase.glibc_malloc``; ``--default-malloc`` leaves malloc as it is).
+(``qeq_ase.kernels.glibc_malloc``; ``--default-malloc`` leaves malloc as it is).
 """
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ import torch
 from ase import Atoms
 
 from qeq_ase.calculator import QEqCalculator
-from qeq_ase.dataset import load_rmd17
-from qeq_ase.glibc_malloc import keep_large_allocations
-from qeq_ase.int8_linear import _Int8LinearBase, gemm_available
-from qeq_ase.int8_model import set_backward_kernel, set_int8_gemm
+from qeq_ase.data.dataset import load_rmd17
+from qeq_ase.kernels.glibc_malloc import keep_large_allocations
+from qeq_ase.quant.int8_kernels import gemm_available
+from qeq_ase.quant.int8_linear import _Int8LinearBase
+from qeq_ase.quant.int8_model import set_backward_kernel, set_int8_gemm
 
 RMD17 = Path(__file__).resolve().parents[2] / "shared" / "rmd17" / "rmd17_aspirin_test_01.npz"
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::_int_mm", "aten::matmul",
@@ -144,7 +145,7 @@ def main() -> None:
     parser.add_argument("--systems", type=int, nargs="+", default=[1, 64, 476], help="numbers of aspirin copies")
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per system, precision and thread count")
     parser.add_argument("--default-malloc", action="store_true",
-                        help="do not call qeq_ase.glibc_malloc.keep_large_allocations (large calls then page-fault)")
+                        help="do not call qeq_ase.kernels.glibc_malloc.keep_large_allocations (large calls then page-fault)")
     parser.add_argument("--op-table", type=int, default=0, metavar="K",
                         help="also print the K ops with the most self CPU time (ms per call) of fp32 and int8")
     args = parser.parse_args()

@@ -13,12 +13,12 @@ Rows, each ingredient added to the one before (arXiv:2601.02213's three ideas):
    attention with a temperature.
 
 The float model without attention normalisation is trained with the shipped float recipe
-(:data:`qeq_ase.fit.FP32_RECIPE`) for as many epochs as the shipped one got (its learning
+(:data:`qeq_ase.train.fit.FP32_RECIPE`) for as many epochs as the shipped one got (its learning
 rate annealed over them; the shipped minutes cap it), so the two float models differ only
 in the attention logits. Every row is a W8A8 fine-tune (the paper's
 setting: learned LSQ steps, one activation limb) of the same length, exported to the real
 int8 model and evaluated on every test frame with one and with two activation limbs, with
-the local equivariance error LEE (:mod:`qeq_ase.equivariance`).
+the local equivariance error LEE (:mod:`qeq_ase.checks.equivariance`).
 """
 
 from __future__ import annotations
@@ -30,16 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qeq_ase.checkpoint import read_potential_file
-from qeq_ase.dataset import RMD17_MOLECULES, load_rmd17, rmd17_path
-from qeq_ase.equivariance import check_equivariance
-from qeq_ase.evaluate import evaluate
-from qeq_ase.export import export_potential
-from qeq_ase.fit import FP32_RECIPE, INT8_RECIPE, merge_options, train_stage
-from qeq_ase.int8_model import set_activation_limbs
-from qeq_ase.md import default_rmd17_dir
-from qeq_ase.registry import load_model
-from qeq_ase.train import TrainConfig
+from qeq_ase.io.checkpoint import read_potential_file
+from qeq_ase.data.dataset import RMD17_MOLECULES, load_rmd17, rmd17_path
+from qeq_ase.checks.equivariance import check_equivariance
+from qeq_ase.train.evaluate import evaluate
+from qeq_ase.train.export import export_potential
+from qeq_ase.train.fit import FP32_RECIPE, INT8_RECIPE, merge_options, train_stage
+from qeq_ase.quant.int8_model import set_activation_limbs
+from qeq_ase.md.driver import default_rmd17_dir
+from qeq_ase.io.registry import load_model
+from qeq_ase.train.trainer import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 #: row -> (float model, QAT scheme, vector branch start epoch)

@@ -1,7 +1,7 @@
 """What the INT8 backward kernel does to accuracy, equivariance and NVE energy conservation.
 
 Loads an INT8 potential three times with different input-gradient GEMMs
-(:func:`qeq_ase.int8_model.set_backward_kernel`): ``float`` (fp32 GEMMs, exact for the
+(:func:`qeq_ase.quant.int8_model.set_backward_kernel`): ``float`` (fp32 GEMMs, exact for the
 straight-through gradient), ``auto`` (the default: int8 GEMMs on the int8 gradient codes the
 edge kernel writes for the edge filters, fp32 elsewhere) and ``int8`` (every one int8), and
 measures for each: force and energy MAE on the first test frames, LEE (as ``qeq-report``:
@@ -19,13 +19,13 @@ import argparse
 import numpy as np
 import torch
 
-from qeq_ase.conservation import check_energy_conservation
-from qeq_ase.dataset import RMD17_MOLECULES, load_rmd17, rmd17_path
-from qeq_ase.equivariance import check_equivariance
-from qeq_ase.evaluate import evaluate
-from qeq_ase.int8_model import set_backward_kernel
-from qeq_ase.md import default_rmd17_dir
-from qeq_ase.registry import load_model
+from qeq_ase.checks.conservation import check_energy_conservation
+from qeq_ase.data.dataset import RMD17_MOLECULES, load_rmd17, rmd17_path
+from qeq_ase.checks.equivariance import check_equivariance
+from qeq_ase.train.evaluate import evaluate
+from qeq_ase.quant.int8_model import set_backward_kernel
+from qeq_ase.md.driver import default_rmd17_dir
+from qeq_ase.io.registry import load_model
 
 
 def main() -> None:

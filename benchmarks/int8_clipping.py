@@ -16,12 +16,12 @@ import argparse
 import numpy as np
 import torch
 
-from qeq_ase.dataset import RMD17_MOLECULES, load_rmd17, rmd17_path
-from qeq_ase.evaluate import evaluate
-from qeq_ase.int8_linear import Int8ScalarLinear
-from qeq_ase.md import default_rmd17_dir
-from qeq_ase.quantizers import LSQQuantizer
-from qeq_ase.registry import load_model
+from qeq_ase.data.dataset import RMD17_MOLECULES, load_rmd17, rmd17_path
+from qeq_ase.train.evaluate import evaluate
+from qeq_ase.quant.int8_linear import Int8ScalarLinear
+from qeq_ase.md.driver import default_rmd17_dir
+from qeq_ase.quant.quantizers import LSQQuantizer
+from qeq_ase.io.registry import load_model
 
 
 def _limit(module: torch.nn.Module) -> float:

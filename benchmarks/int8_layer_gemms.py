@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from qeq_ase.glibc_malloc import keep_large_allocations
-from qeq_ase.int8_linear import gemm_available
-from qeq_ase.int8_model import set_int8_gemm
-from qeq_ase.registry import load_model
+from qeq_ase.kernels.glibc_malloc import keep_large_allocations
+from qeq_ase.quant.int8_kernels import gemm_available
+from qeq_ase.quant.int8_model import set_int8_gemm
+from qeq_ase.io.registry import load_model
 
 LAYERS = ("qkv", "vector_mix", "out", "ffn_hidden", "ffn_out", "edge_filter")
 GEMMS = ("int_mm", "onednn", "brgemm")

@@ -1,4 +1,4 @@
-"""Time fp32 ``F.linear`` against the real INT8 layers of ``qeq_ase.int8_linear``.
+"""Time fp32 ``F.linear`` against the real INT8 layers of ``qeq_ase.quant.int8_linear``.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/int8_layers.py [--threads 1] [--limbs 2] [--quick]
 
@@ -7,7 +7,7 @@ Forward alone and forward + backward (input gradient only, as for forces), for
 one block of their edges), K = N = 128 and the model's real shapes (128 -> 640 qkv,
 128 -> 512 edge filter, 256 -> 128 FFN out) plus the vector layer 128 -> 384 on
 ``[M, 3, F]`` (3M GEMM rows). Each INT8 case runs with both int8 GEMMs (oneDNN's int8
-linear, AMX where present, and ``torch._int_mm``; ``qeq_ase.int8_linear.GEMMS``) and
+linear, AMX where present, and ``torch._int_mm``; ``qeq_ase.quant.int8_kernels.GEMMS``) and
 ``--limbs`` input limbs (2, the shipped setting, or 1, W8A8). Timings of the variants of one
 shape are interleaved round by round and the median per call is reported, so drifting load
 on a shared machine shifts them together. Ratios > 1 mean INT8 is faster.
@@ -23,8 +23,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qeq_ase.glibc_malloc import keep_large_allocations
-from qeq_ase.int8_linear import ACTIVATION_LIMBS, Int8ScalarLinear, Int8VectorLinear, cpu_has_amx_int8, resolve_gemm
+from qeq_ase.kernels.glibc_malloc import keep_large_allocations
+from qeq_ase.quant.int8_kernels import cpu_has_amx_int8, resolve_gemm
+from qeq_ase.quant.int8_linear import ACTIVATION_LIMBS, Int8ScalarLinear, Int8VectorLinear
 
 
 def cpu_name() -> str:

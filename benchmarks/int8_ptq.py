@@ -18,13 +18,13 @@ import json
 import numpy as np
 import torch
 
-from qeq_ase.dataset import load_rmd17, rmd17_path, train_val_split
-from qeq_ase.evaluate import evaluate
-from qeq_ase.graph import molecules_to_graph
-from qeq_ase.int8_model import convert_to_int8, set_activation_limbs
-from qeq_ase.md import default_rmd17_dir
-from qeq_ase.qat import calibration, convert_to_qat, set_quantization, widen_activation_steps
-from qeq_ase.registry import load_model
+from qeq_ase.data.dataset import load_rmd17, rmd17_path, train_val_split
+from qeq_ase.train.evaluate import evaluate
+from qeq_ase.data.graph import molecules_to_graph
+from qeq_ase.quant.int8_model import convert_to_int8, set_activation_limbs
+from qeq_ase.md.driver import default_rmd17_dir
+from qeq_ase.quant.qat import calibration, convert_to_qat, set_quantization, widen_activation_steps
+from qeq_ase.io.registry import load_model
 
 
 def main() -> None:

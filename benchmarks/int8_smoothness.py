@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from qeq_ase.calculator import QEqCalculator
-from qeq_ase.int8_linear import Int8VectorLinear, _Int8LinearBase
-from qeq_ase.md import load_start_structure
-from qeq_ase.quantizers import LSQQuantizer, MDDQQuantizer
+from qeq_ase.quant.int8_linear import Int8VectorLinear, _Int8LinearBase
+from qeq_ase.md.driver import load_start_structure
+from qeq_ase.quant.quantizers import LSQQuantizer, MDDQQuantizer
 
 RMD17 = Path(__file__).resolve().parents[2] / "shared" / "rmd17"
 

@@ -5,7 +5,7 @@
 
 For random int8 codes in [-127, 127], prints per shape how many int32 entries of
 ``torch._int_mm`` differ from the int64 product and by how much, and the median time of
-``torch._int_mm``, of the exact fallback ``qeq_ase.int8_linear.int_mm`` (an fp32 GEMM of the
+``torch._int_mm``, of the exact fallback ``qeq_ase.quant.int8_kernels.int_mm`` (an fp32 GEMM of the
 codes where ``_int_mm`` is inexact) and of the fp32 GEMM of the same shape.
 """
 
@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from qeq_ase.cpu_features import cpu_model_name, int_mm_is_exact, onednn_isa_limit
-from qeq_ase.int8_linear import int_mm
+from qeq_ase.kernels.cpu_features import cpu_model_name, int_mm_is_exact, onednn_isa_limit
+from qeq_ase.quant.int8_kernels import int_mm
 
 
 def median_us(fn, repeats: int = 30) -> float:

@@ -1,4 +1,4 @@
-"""Time the neighbour-list methods of ``qeq_ase.neighbors`` against each other.
+"""Time the neighbour-list methods of ``qeq_ase.data.neighbors`` against each other.
 
 Systems (cutoff 5 Å by default, the model's):
 
@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qeq_ase import neighbors  # noqa: E402
-from qeq_ase.dataset import load_rmd17  # noqa: E402
+from qeq_ase.data import neighbors  # noqa: E402
+from qeq_ase.data.dataset import load_rmd17  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "rmd17" / "rmd17_aspirin_test_01.npz"
 

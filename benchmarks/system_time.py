@@ -5,8 +5,8 @@
 System time is mostly page faults: glibc mmaps allocations above 32 MB and faults them in
 again on every call. Three settings, each in a fresh process (malloc settings cannot be
 undone): the fused path with the whole graph as one block and glibc's default malloc; with
-the default edge blocks (``qeq_ase.edge_kernel``); and with the blocks plus
-``qeq_ase.glibc_malloc.keep_large_allocations()``. 1 thread, ``os.times()`` around the calls.
+the default edge blocks (``qeq_ase.kernels.edge_kernel``); and with the blocks plus
+``qeq_ase.kernels.glibc_malloc.keep_large_allocations()``. 1 thread, ``os.times()`` around the calls.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ SETTINGS = {"one block, default malloc": ("one", "default"), "blocks, default ma
 def measure(blocks: str, malloc: str, model: str, calls: int) -> tuple[float, float]:
     import torch
 
-    from qeq_ase import edge_kernel
+    from qeq_ase.kernels import edge_kernel
     from qeq_ase.calculator import QEqCalculator
-    from qeq_ase.glibc_malloc import keep_large_allocations
+    from qeq_ase.kernels.glibc_malloc import keep_large_allocations
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from inference_speed import copies_of_aspirin

@@ -5,7 +5,7 @@
 Times ``--steps`` optimizer steps (energy + force loss, double backward) on real batches of
 the config's training file, alternating rounds of the eager double backward
 (``Model.energy_and_forces(training=True)``) and the compiled force graph
-(:mod:`qeq_ase.compiled_forces`, ``compile: true``), and extrapolates to one epoch. Before
+(:mod:`qeq_ase.train.compiled_forces`, ``compile: true``), and extrapolates to one epoch. Before
 timing, it checks on one float64 batch that both give the same loss and weight gradients.
 ``--baseline-tree`` also times the eager step of another checkout (the previous commit) in
 the same run. Run it on an idle machine: a concurrent job on the same cores inflates the figures.
@@ -22,8 +22,8 @@ import time
 import numpy as np
 import torch
 
-from qeq_ase.compiled_forces import CompiledEnergyForces
-from qeq_ase.train import TrainConfig, Trainer
+from qeq_ase.train.compiled_forces import CompiledEnergyForces
+from qeq_ase.train.trainer import TrainConfig, Trainer
 
 
 def loss_and_step(trainer, forward, batch) -> float:
@@ -56,7 +56,7 @@ def float64_agreement(trainer, batch) -> tuple[float, float]:
 def baseline_eager_ms(tree: str, args) -> float:
     """Median eager step (ms) of another checkout, timed by its own copy of this loop."""
     code = ("import sys, time, statistics, numpy as np, torch\n"
-            "from qeq_ase.train import TrainConfig, Trainer\n"
+            "from qeq_ase.train.trainer import TrainConfig, Trainer\n"
             f"torch.set_num_threads({args.threads})\n"
             f"cfg = TrainConfig.from_yaml({args.config!r}); cfg.output_dir = 'runs/_speed_baseline'\n"
             "t = Trainer(cfg, overwrite=True); rng = np.random.default_rng(1); times = []\n"

@@ -2,7 +2,7 @@
 
 Starts from frame 0 of the rMD17 aspirin test split, draws Maxwell-Boltzmann velocities,
 and runs ``--steps`` steps of ASE's Langevin integrator (0.5 fs, friction 0.01/fs) through
-:func:`qeq_ase.md.run_md`. Run from the repository root (the rMD17 files are expected in
+:func:`qeq_ase.md.driver.run_md`. Run from the repository root (the rMD17 files are expected in
 ``../shared/rmd17``, or set ``--data-dir`` / ``$QEQ_RMD17_DIR``)::
 
     python md_examples/langevin_aspirin.py                      # aspirin_int8, 2000 steps (1 ps)
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from qeq_ase.md import run_md
+from qeq_ase.md.driver import run_md
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """NVE energy conservation of aspirin for one or more qeq-ase potentials, with a plot.
 
 For each model: 100 fs of Langevin warm-up at 300 K from rMD17 aspirin frame 0, then
-``--time-ps`` of velocity-Verlet NVE (:func:`qeq_ase.conservation.check_energy_conservation`).
+``--time-ps`` of velocity-Verlet NVE (:func:`qeq_ase.checks.conservation.check_energy_conservation`).
 Prints the drift (meV/atom/ps), |E_end - E_start| / std(E_kin) and std(E_total), and
 plots total, potential and kinetic energy of all models into one PNG::
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from qeq_ase.conservation import check_energy_conservation, plot_energies
+from qeq_ase.checks.conservation import check_energy_conservation, plot_energies
 
 
 def main(argv: list[str] | None = None) -> None:

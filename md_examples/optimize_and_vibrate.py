@@ -25,8 +25,8 @@ from ase.optimize import BFGS
 from ase.vibrations import Vibrations
 
 from qeq_ase.calculator import QEqCalculator
-from qeq_ase.int8_model import is_int8_model
-from qeq_ase.md import load_start_structure
+from qeq_ase.quant.int8_model import is_int8_model
+from qeq_ase.md.driver import load_start_structure
 
 
 def optimize_and_vibrate(model: str, fmax: float, dtype: str, data_dir=None, max_steps: int = 1000) -> dict:

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 import qeq_ase
-from qeq_ase.ipi import unix_socket_path
-from qeq_ase.md import load_start_structure
+from qeq_ase.md.ipi import unix_socket_path
+from qeq_ase.md.driver import load_start_structure
 
 HERE = Path(__file__).resolve().parent
 INPUT = HERE / "pimd_aspirin_ipi.xml"
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     write_ipi_xyz(out / "aspirin_start.xyz", atoms)
     address = f"qeq_pimd_{os.getpid()}"
     write_input(out / "input.xml", args, address)
-    client = [sys.executable, "-m", "qeq_ase.ipi", str(out / "aspirin_start.xyz"), "--model", args.model,
+    client = [sys.executable, "-m", "qeq_ase.md.ipi", str(out / "aspirin_start.xyz"), "--model", args.model,
               "--unix", address, "--threads", str(args.threads_per_client)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")])))
 

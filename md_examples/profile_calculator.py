@@ -27,10 +27,10 @@ import torch
 from ase import Atoms
 
 from qeq_ase.calculator import QEqCalculator
-from qeq_ase.checkpoint import save_potential
-from qeq_ase.dataset import load_rmd17
-from qeq_ase.model import ModelConfig, QEqModel
-from qeq_ase.neighbors import molecule_edges
+from qeq_ase.io.checkpoint import save_potential
+from qeq_ase.data.dataset import load_rmd17
+from qeq_ase.model.network import ModelConfig, QEqModel
+from qeq_ase.data.neighbors import molecule_edges
 
 
 def aspirin_atoms(data_dir: Path) -> Atoms:

@@ -10,24 +10,24 @@ property                  meaning
 ``forces``                ``-dE/dpositions`` (eV/Å) ``[N, 3]``, by autograd
 ``energies``              per-atom energies (eV) ``[N]``; they sum to ``energy``
 ``stress``                periodic cells only: ``(1/V) dE/dstrain`` (eV/Å³), ASE's Voigt
-                          order and sign (:mod:`qeq_ase.stress`); computed only when asked
+                          order and sign (:mod:`qeq_ase.model.stress`); computed only when asked
 ========================  ======================================================
 
 The calculator only talks to the model through ``config.cutoff``, ``config.species``,
 ``species_index`` and ``energy_and_forces``, so any potential that
-:func:`qeq_ase.registry.load_model` returns plugs in unchanged: float32/float64, QAT, or
-INT8 (:mod:`qeq_ase.int8_model`; float32 only, its linear layers run ``torch._int_mm``
+:func:`qeq_ase.io.registry.load_model` returns plugs in unchanged: float32/float64, QAT, or
+INT8 (:mod:`qeq_ase.quant.int8_model`; float32 only, its linear layers run ``torch._int_mm``
 GEMMs, never a dequantized float forward; ``int8_kernel_report(calc.model)`` lists them).
 
 Periodic cells are supported: edges and image shifts come from
-:func:`qeq_ase.neighbors.periodic_edges`. A molecule in a box larger than the cutoff plus
+:func:`qeq_ase.data.neighbors.periodic_edges`. A molecule in a box larger than the cutoff plus
 its extent therefore has the same energy with and without periodic boundaries.
 
 Positions are moved to a local frame in float64 before the cast to the model's dtype
-(:func:`qeq_ase.local_frame.local_positions`), so a translated molecule, or unwrapped
+(:func:`qeq_ase.data.local_frame.local_positions`), so a translated molecule, or unwrapped
 coordinates in a periodic cell, give the same float32 forces. Atoms closer than
-:data:`~qeq_ase.local_frame.MIN_PAIR_DISTANCE_A` raise
-:class:`~qeq_ase.local_frame.OverlappingAtomsError` (there is no short-range repulsion), and
+:data:`~qeq_ase.data.local_frame.MIN_PAIR_DISTANCE_A` raise
+:class:`~qeq_ase.data.local_frame.OverlappingAtomsError` (there is no short-range repulsion), and
 non-finite model output raises ``ValueError``: NaN forces are never returned.
 
 Nothing here touches torch's global state (default dtype, threads, grad mode): the dtype
@@ -43,11 +43,11 @@ import torch
 from ase.calculators.calculator import Calculator, all_changes
 from ase.data import chemical_symbols
 
-from .int8_model import is_int8_model, set_activation_limbs
-from .local_frame import check_no_overlap, local_frame
-from .model import QEqModel
-from .neighbors import molecule_edges, periodic_edges
-from .stress import stress_volume, voigt_stress
+from .data.local_frame import check_no_overlap, local_frame
+from .data.neighbors import molecule_edges, periodic_edges
+from .model.network import QEqModel
+from .model.stress import stress_volume, voigt_stress
+from .quant.int8_model import is_int8_model, set_activation_limbs
 
 #: Accepted spellings of the calculator's float dtype.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -78,7 +78,7 @@ def resolve_model(model: str | os.PathLike | QEqModel, device: str | torch.devic
 
     A built model is used as it is (never moved or cast: it belongs to the caller); for it
     ``dtype`` must be None or match its parameters. Names and paths are loaded through
-    :func:`qeq_ase.registry.load_model` with ``dtype`` (default float32).
+    :func:`qeq_ase.io.registry.load_model` with ``dtype`` (default float32).
     """
     dtype = as_torch_dtype(dtype)
     if isinstance(model, torch.nn.Module):
@@ -87,7 +87,7 @@ def resolve_model(model: str | os.PathLike | QEqModel, device: str | torch.devic
             raise ValueError(f"dtype {dtype} was requested but the given model is {model_dtype}; "
                              "cast the model or pass dtype=None")
         return model, {"species": list(model.config.species), "cutoff": model.config.cutoff}, model_dtype, "<model>"
-    from .registry import load_model
+    from .io.registry import load_model
 
     dtype = dtype or torch.float32
     built, metadata = load_model(model, device=device, dtype=dtype)
@@ -103,22 +103,22 @@ class QEqCalculator(Calculator):
     """ASE calculator for a qeq-ase potential.
 
     Args:
-        model: shipped potential name (see :func:`qeq_ase.registry.shipped_names`), path
-            to a potential file, or a built :class:`~qeq_ase.model.QEqModel` (used as is).
+        model: shipped potential name (see :func:`qeq_ase.io.registry.shipped_names`), path
+            to a potential file, or a built :class:`~qeq_ase.model.network.QEqModel` (used as is).
         device: torch device of the model, e.g. ``"cpu"`` or ``"cuda"``.
         dtype: ``"float32"`` (default for files) or ``"float64"`` (not for INT8 files); for
             a built model, None (its own dtype).
         activation_limbs: INT8 potentials only: ``2`` (two int8 codes per activation, an
             energy smooth in the positions, for MD and optimisation) or ``1`` (W8A8, a step
             function of the positions); None keeps what the file says
-            (:func:`qeq_ase.int8_model.set_activation_limbs`).
+            (:func:`qeq_ase.quant.int8_model.set_activation_limbs`).
         **kwargs: passed to :class:`ase.calculators.calculator.Calculator` (``label``,
             ``atoms``, ``directory``).
 
     Raises ``ValueError`` for an unknown name (listing the shipped ones), for atoms of an
     element the potential was not trained on, for non-finite positions and for overlapping
-    atoms (:class:`~qeq_ase.local_frame.OverlappingAtomsError`);
-    :class:`~qeq_ase.checkpoint.PotentialFileError` for missing, corrupt or incompatible files.
+    atoms (:class:`~qeq_ase.data.local_frame.OverlappingAtomsError`);
+    :class:`~qeq_ase.io.checkpoint.PotentialFileError` for missing, corrupt or incompatible files.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "energies", "stress"]
@@ -204,8 +204,8 @@ class QEqCalculator(Calculator):
     def calculate_batch(self, structures) -> list[tuple[float, np.ndarray]]:
         """``(energy eV, forces eV/Å)`` of each of many ``Atoms`` from one model call.
 
-        See :func:`qeq_ase.batch.evaluate_batch`. ``self.results`` is left as it was.
+        See :func:`qeq_ase.md.batch.evaluate_batch`. ``self.results`` is left as it was.
         """
-        from .batch import evaluate_batch
+        from .md.batch import evaluate_batch
 
         return evaluate_batch(self, structures)

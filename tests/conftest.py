@@ -8,8 +8,8 @@ import pytest
 import torch
 from ase import Atoms
 
-from qeq_ase.checkpoint import save_potential
-from qeq_ase.model import ModelConfig, QEqModel
+from qeq_ase.io.checkpoint import save_potential
+from qeq_ase.model.network import ModelConfig, QEqModel
 
 RMD17_DIR = Path(__file__).resolve().parents[2] / "shared" / "rmd17"
 
@@ -45,7 +45,7 @@ def rmd17_dir() -> Path:
 @pytest.fixture(scope="session")
 def aspirin_frames(rmd17_dir):
     """First aspirin test frames of rMD17 split 01 (eV, Å)."""
-    from qeq_ase.dataset import load_rmd17
+    from qeq_ase.data.dataset import load_rmd17
 
     frames = load_rmd17(rmd17_dir / "rmd17_aspirin_test_01.npz")
     return frames.subset(np.arange(4))

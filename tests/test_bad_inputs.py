@@ -18,10 +18,13 @@ import torch
 from ase import Atoms
 from ase.io import write
 
-from qeq_ase import check_cli, evaluate, export, fit, md, train
+from qeq_ase.cli import check as check_cli
+from qeq_ase.md import driver as md
+from qeq_ase.train import evaluate, export, fit
+from qeq_ase.train import trainer as train
 from qeq_ase.calculator import QEqCalculator
-from qeq_ase.checkpoint import PotentialFileError
-from qeq_ase.local_frame import OverlappingAtomsError
+from qeq_ase.io.checkpoint import PotentialFileError
+from qeq_ase.data.local_frame import OverlappingAtomsError
 
 CLIS = {"qeq-md": md.main, "qeq-check": check_cli.main, "qeq-eval": evaluate.main, "qeq-fit": fit.main,
         "qeq-train": train.main, "qeq-export": export.main}
@@ -219,7 +222,7 @@ ROWS = [
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_potential_path, rmd17_dir) -> Env:
     """Bad and good files for the rows, and a finished trajectory to resume."""
-    from qeq_ase.dataset import load_rmd17, write_extxyz
+    from qeq_ase.data.dataset import load_rmd17, write_extxyz
 
     tmp = tmp_path_factory.mktemp("bad_inputs")
     (tmp / "bad.xyz").write_text("this is not\nan xyz file\n")

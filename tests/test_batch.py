@@ -1,13 +1,13 @@
-"""Batched evaluation (qeq_ase.batch): many structures in one call equal one-at-a-time calls."""
+"""Batched evaluation (qeq_ase.md.batch): many structures in one call equal one-at-a-time calls."""
 
 import numpy as np
 import pytest
 from ase import Atoms
 
-from qeq_ase.batch import evaluate_batch
+from qeq_ase.md.batch import evaluate_batch
 from qeq_ase.calculator import QEqCalculator
-from qeq_ase.dataset import load_rmd17
-from qeq_ase.local_frame import OverlappingAtomsError
+from qeq_ase.data.dataset import load_rmd17
+from qeq_ase.data.local_frame import OverlappingAtomsError
 
 #: Largest differences from one-at-a-time calls (eV, eV/Å). The GEMMs see more rows and round
 #: differently; measured on 22 rMD17 structures: fp32 0.6 µeV and 1 µeV/Å. INT8 rounds

@@ -11,9 +11,9 @@ from ase import Atoms
 from ase.calculators.fd import calculate_numerical_forces
 
 from qeq_ase.calculator import QEqCalculator
-from qeq_ase.checkpoint import PotentialFileError, save_potential
-from qeq_ase.graph import molecules_to_graph
-from qeq_ase.local_frame import local_positions
+from qeq_ase.io.checkpoint import PotentialFileError, save_potential
+from qeq_ase.data.graph import molecules_to_graph
+from qeq_ase.data.local_frame import local_positions
 from conftest import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_no_global_torch_state_change(tiny_potential_path):
     code = f"""
 import torch
 before = (torch.get_default_dtype(), torch.get_num_threads(), torch.is_grad_enabled(), torch.random.get_rng_state())
-import qeq_ase.calculator, qeq_ase.md, qeq_ase.equivariance, qeq_ase.conservation
+import qeq_ase.calculator, qeq_ase.md.driver, qeq_ase.checks.equivariance, qeq_ase.checks.conservation
 from ase import Atoms
 calc = qeq_ase.calculator.QEqCalculator({str(tiny_potential_path)!r}, dtype="float64")
 other = qeq_ase.calculator.QEqCalculator({str(tiny_potential_path)!r})
@@ -201,7 +201,7 @@ def test_todict_names_the_potential(tiny_potential_path):
 
 
 def test_keep_large_allocations_is_opt_in_and_checks_its_argument():
-    from qeq_ase.glibc_malloc import keep_large_allocations
+    from qeq_ase.kernels.glibc_malloc import keep_large_allocations
 
     with pytest.raises(ValueError, match="positive"):
         keep_large_allocations(0)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from qeq_ase.check_cli import main
-from qeq_ase.conservation import check_energy_conservation, drift_per_atom_per_ps, plot_energies
-from qeq_ase.equivariance import check_equivariance, random_rotations
-from qeq_ase.model import QEqModel
+from qeq_ase.cli.check import main
+from qeq_ase.checks.conservation import check_energy_conservation, drift_per_atom_per_ps, plot_energies
+from qeq_ase.checks.equivariance import check_equivariance, random_rotations
+from qeq_ase.model.network import QEqModel
 from conftest import build_tiny_model
 
 # Bounds for the tiny random model on aspirin (measured: float64 LEE mean ~7e-13, max ~6e-12
@@ -109,7 +109,7 @@ def test_shipped_potentials_equivariance_regression(aspirin_frames):
     """LEE of the shipped files. Measured (``qeq-check equivariance NAME --frames 10 --rotations 8``):
     mean 0.005 meV/Å (fp32), 0.061 (int8, two-limb inputs), 18.3 (int8 as W8A8)."""
     from qeq_ase.calculator import QEqCalculator
-    from qeq_ase.registry import shipped_names
+    from qeq_ase.io.registry import shipped_names
 
     if not {"aspirin_fp32", "aspirin_int8"} <= set(shipped_names()):
         pytest.skip("the aspirin potentials are not shipped")
@@ -127,7 +127,7 @@ def test_shipped_potentials_equivariance_regression(aspirin_frames):
 def test_shipped_potential_nve(rmd17_dir, name):
     """1 ps NVE of a shipped potential. Over 50 ps (docs/calculator_and_md.md) the drift was
     -0.0003 (fp32) and +0.021 (int8) meV/atom/ps; 1 ps fits a noisier slope, hence 0.5."""
-    from qeq_ase.registry import shipped_names
+    from qeq_ase.io.registry import shipped_names
 
     if name not in shipped_names():
         pytest.skip(f"{name} is not shipped")

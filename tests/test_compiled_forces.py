@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from qeq_ase.compiled_forces import CompiledEnergyForces
-from qeq_ase.graph import molecules_to_graph
+from qeq_ase.train.compiled_forces import CompiledEnergyForces
+from qeq_ase.data.graph import molecules_to_graph
 
-from qeq_ase.model import ModelConfig, QEqModel
+from qeq_ase.model.network import ModelConfig, QEqModel
 
 
 def _four_layer_model(dtype):

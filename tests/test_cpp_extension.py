@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from qeq_ase import cpp_extension
-from qeq_ase.cpp_extension import STALE_LOCK_S, build_directory, clear_stale_lock
+from qeq_ase.kernels import cpp_extension
+from qeq_ase.kernels.cpp_extension import STALE_LOCK_S, build_directory, clear_stale_lock
 
 
 def test_build_directory_follows_torch_extensions_dir(monkeypatch, tmp_path):

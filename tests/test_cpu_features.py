@@ -2,7 +2,7 @@
 
 import pytest
 
-from qeq_ase import cpu_features
+from qeq_ase.kernels import cpu_features
 
 
 @pytest.fixture
@@ -47,11 +47,11 @@ def test_describe_names_the_cpu_and_its_isa():
 
 
 def test_int8_products_are_exact_on_this_cpu_whichever_gemm_runs():
-    """``int8_linear.int_mm`` is exact here: ``torch._int_mm`` where the probe found it exact,
+    """``int8_kernels.int_mm`` is exact here: ``torch._int_mm`` where the probe found it exact,
     else a float GEMM (also beyond the width where float32 would round)."""
     import torch
 
-    from qeq_ase.int8_linear import EXACT_FLOAT_K, int_mm
+    from qeq_ase.quant.int8_kernels import EXACT_FLOAT_K, int_mm
 
     gen = torch.Generator().manual_seed(1)
     for m, k, n in ((1, 32, 17), (21, 128, 128), (300, 512, 64), (5, EXACT_FLOAT_K + 60, 8)):

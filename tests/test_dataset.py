@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qeq_ase.dataset import (DatasetError, Frames, load_frames, load_rmd17, read_extxyz, read_rmd17_npz, rmd17_path,
-                              train_val_split, write_extxyz)
-from qeq_ase.units import KCAL_PER_MOL_IN_EV
+from qeq_ase.data.dataset import (DatasetError, Frames, load_frames, load_rmd17, read_extxyz, read_rmd17_npz, rmd17_path,
+                                  train_val_split, write_extxyz)
+from qeq_ase.data.units import KCAL_PER_MOL_IN_EV
 
 RMD17_DIR = Path(__file__).resolve().parents[2] / "shared" / "rmd17"
 ASPIRIN_TEST = RMD17_DIR / "rmd17_aspirin_test_01.npz"

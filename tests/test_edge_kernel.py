@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from qeq_ase.attention import EquivariantAttention
-from qeq_ase import edge_kernel
-from qeq_ase.edge_kernel import EdgeCSR, edge_attention, edge_backend, edge_blocks, receiver_order
-from qeq_ase.neighbors import periodic_edges
+from qeq_ase.model.attention import EquivariantAttention
+from qeq_ase.kernels import edge_kernel
+from qeq_ase.kernels.edge_kernel import EdgeCSR, edge_attention, edge_backend, edge_blocks, receiver_order
+from qeq_ase.data.neighbors import periodic_edges
 from test_model import tiny_model
 
 
@@ -64,8 +64,8 @@ def test_fused_backward_passes_gradcheck(normalize):
 @pytest.mark.parametrize("planar", [True, False], ids=["planar", "interleaved"])
 def test_int8_filter_gradient_codes_are_those_of_the_int8_quantizer(planar):
     """The backward's int8 mode writes what quantize_per_row_limbs makes of the float dfilt."""
-    from qeq_ase.int8_linear import load_cpp_kernels
-    from qeq_ase.quantizers import TINY
+    from qeq_ase.quant.int8_kernels import load_cpp_kernels
+    from qeq_ase.quant.quantizers import TINY
 
     layer, edge_index, x = random_layer_inputs(True, seed=2)
     order = receiver_order(edge_index)
@@ -108,8 +108,8 @@ def test_csr_refuses_unsorted_edges():
 
 
 def test_missing_compiler_falls_back_to_the_eager_layers(monkeypatch, tmp_path):
-    from qeq_ase import edge_kernel
-    from qeq_ase.cpp_extension import LazyExtension
+    from qeq_ase.kernels import edge_kernel
+    from qeq_ase.kernels.cpp_extension import LazyExtension
 
     monkeypatch.setattr(edge_kernel, "_EXTENSION", LazyExtension("qeq_missing", tmp_path / "missing.cpp", [],
                                                                  "the fused edge-attention kernel"))

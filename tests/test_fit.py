@@ -8,12 +8,12 @@ import pytest
 from ase import Atoms
 
 from qeq_ase.calculator import QEqCalculator
-from qeq_ase.checkpoint import read_potential_file
-from qeq_ase.dataset import load_rmd17, write_extxyz
-from qeq_ase.fit import fit_potential
-from qeq_ase.fit_record import FitMismatchError, check_or_reset
-from qeq_ase.published_rmd17 import PUBLISHED_RMD17
-from qeq_ase.report import default_settings, write_report
+from qeq_ase.io.checkpoint import read_potential_file
+from qeq_ase.data.dataset import load_rmd17, write_extxyz
+from qeq_ase.train.fit import fit_potential
+from qeq_ase.train.fit_record import FitMismatchError, check_or_reset
+from qeq_ase.tools.published_rmd17 import PUBLISHED_RMD17
+from qeq_ase.tools.report import default_settings, write_report
 
 FP32 = {"model": {"num_features": 16, "num_layers": 1, "num_heads": 2, "num_radial": 8},
         "n_val": 10, "n_train": 64, "batch_size": 32, "max_epochs": 1}
@@ -149,7 +149,7 @@ def test_report_tables_the_files_and_reuses_unchanged_measurements(fitted, rmd17
 
 
 def test_training_totals_follow_float_restarts_but_not_into_qat():
-    from qeq_ase.report import training_totals
+    from qeq_ase.tools.report import training_totals
 
     first = {"epochs": 139, "training_minutes": 100.1, "initialised_from": None}
     restart = {"epochs": 160, "training_minutes": 95.0, "training_config": {"quantization": None},

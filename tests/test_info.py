@@ -4,15 +4,16 @@ import json
 
 import pytest
 
-from qeq_ase import info, int8_linear
-from qeq_ase.cpu_features import cpu_model_name
+from qeq_ase.cli import info
+from qeq_ase.quant import int8_kernels
+from qeq_ase.kernels.cpu_features import cpu_model_name
 
 
 def test_machine_report_names_the_cpu_the_gemm_and_the_kernels(capsys):
     assert info.main([]) == 0
     text = capsys.readouterr().out
     assert cpu_model_name() in text
-    assert info.gemm_name(int8_linear.resolve_gemm("auto")) in text
+    assert info.gemm_name(int8_kernels.resolve_gemm("auto")) in text
     for name in ("qeq_int8_kernels", "qeq_edge_attention", "qeq_node_update"):
         assert name in text
 

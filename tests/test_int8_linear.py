@@ -12,11 +12,12 @@ import pytest
 import torch
 from e3nn import o3
 
-from qeq_ase import int8_linear
-from qeq_ase.cpp_extension import LazyExtension
-from qeq_ase.int8_linear import EagerKernels, Int8ScalarLinear, Int8VectorLinear
-from qeq_ase.qat import NaiveQATLayerFactory, QATLayerFactory, QATScalarLinear, QATVectorLinear
-from qeq_ase.quantizers import LSQQuantizer, fake_quantize_per_atom, lsq_codes
+from qeq_ase.kernels.cpp_extension import LazyExtension
+from qeq_ase.quant import int8_kernels
+from qeq_ase.quant.int8_kernels import EagerKernels
+from qeq_ase.quant.int8_linear import Int8ScalarLinear, Int8VectorLinear
+from qeq_ase.quant.qat import NaiveQATLayerFactory, QATLayerFactory, QATScalarLinear, QATVectorLinear
+from qeq_ase.quant.quantizers import LSQQuantizer, fake_quantize_per_atom, lsq_codes
 
 FLOAT_RTOL = 1e-5     # int8 layer vs dequantized float32 reference (rounding of the rescale)
 INT8_GRAD_RTOL = 2e-2  # backward="int8": per-row 8-bit gradients
@@ -69,7 +70,7 @@ def test_scalar_int8_layer_holds_int8_and_matches_qat_and_reference(backend):
 
 
 def test_cpp_and_eager_kernels_agree_bitwise():
-    cpp = int8_linear.load_cpp_kernels()
+    cpp = int8_kernels.load_cpp_kernels()
     torch.manual_seed(2)
     x, v = torch.randn(37, 20), torch.randn(11, 3, 20)
     assert torch.equal(cpp.quantize_per_tensor(x, 0.01, 127), EagerKernels.quantize_per_tensor(x, 0.01, 127))
@@ -248,16 +249,16 @@ def test_int_mm_odd_shapes():
 
 
 def test_missing_compiler_gives_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(int8_linear, "_EXTENSION", LazyExtension("qeq_missing", tmp_path / "missing.cpp", [],
+    monkeypatch.setattr(int8_kernels, "_EXTENSION", LazyExtension("qeq_missing", tmp_path / "missing.cpp", [],
                                                                   "the int8 kernels"))
     with pytest.raises(RuntimeError, match="C\\+\\+17 compiler"):
-        int8_linear.get_kernels("cpp")
+        int8_kernels.get_kernels("cpp")
     with pytest.warns(RuntimeWarning, match="Falling back to eager"):
-        assert int8_linear.get_kernels("auto") is EagerKernels
+        assert int8_kernels.get_kernels("auto") is EagerKernels
 
 
 def test_two_limb_kernels_agree_bitwise_and_refine_the_input_grid():
-    cpp = int8_linear.load_cpp_kernels()
+    cpp = int8_kernels.load_cpp_kernels()
     torch.manual_seed(5)
     x, v = torch.randn(37, 20) * 0.5, torch.randn(11, 3, 20)
     codes = cpp.quantize_static_limbs(x, 0.01, 127)
@@ -314,7 +315,7 @@ def gemm_pair(make, gemm_a: str, gemm_b: str, limbs: int):
     return pair
 
 
-needs_onednn = pytest.mark.skipif(not hasattr(torch.ops.onednn, "qlinear_prepack") or not int8_linear.gemm_available("onednn"),
+needs_onednn = pytest.mark.skipif(not hasattr(torch.ops.onednn, "qlinear_prepack") or not int8_kernels.gemm_available("onednn"),
                                   reason="oneDNN's int8 linear needs AMX-INT8 here (else a reference kernel)")
 
 
@@ -342,7 +343,7 @@ def test_onednn_and_int_mm_gemms_agree(limbs, backend):
             with torch.profiler.profile() as prof:
                 yb = b(xb)
             gemm_rows = x.numel() // x.shape[-1]
-            assert any("qlinear_pointwise" in e.name for e in prof.events()) == (gemm_rows >= int8_linear.ONEDNN_MIN_ROWS)
+            assert any("qlinear_pointwise" in e.name for e in prof.events()) == (gemm_rows >= int8_kernels.ONEDNN_MIN_ROWS)
             assert rel_err(yb.detach(), ya.detach()) < 1e-6
             assert rel_err(yb.detach(), b.reference_forward(x)) < FLOAT_RTOL
             ya.backward(g)
@@ -360,7 +361,7 @@ def test_onednn_and_int_mm_gemms_agree(limbs, backend):
         a.set_gemm("amx")
 
 
-needs_amx = pytest.mark.skipif(not int8_linear.cpu_has_amx_int8(), reason="the brgemm GEMM needs AMX-INT8")
+needs_amx = pytest.mark.skipif(not int8_kernels.cpu_has_amx_int8(), reason="the brgemm GEMM needs AMX-INT8")
 
 
 @pytest.fixture
@@ -414,16 +415,16 @@ def test_brgemm_and_int_mm_gemms_agree_bitwise(limbs, two_threads):
 def test_amx_gemms_without_amx_are_refused_by_name(monkeypatch, gemm):
     """Neither AMX GEMM is ever picked, or runs when asked for by name, on a CPU without AMX-INT8
     (brgemm cannot run; oneDNN's int8 linear falls back to a reference kernel ~1000x slower)."""
-    monkeypatch.setattr(int8_linear, "cpu_has_amx_int8", lambda: False)
+    monkeypatch.setattr(int8_kernels, "cpu_has_amx_int8", lambda: False)
     monkeypatch.delenv("QEQ_INT8_GEMM", raising=False)
-    assert not int8_linear.gemm_available(gemm)
+    assert not int8_kernels.gemm_available(gemm)
     with pytest.raises(ValueError, match="needs a CPU with AMX-INT8"):
-        int8_linear.resolve_gemm(gemm)
+        int8_kernels.resolve_gemm(gemm)
     monkeypatch.setenv("QEQ_INT8_GEMM", gemm)
     with pytest.raises(ValueError, match="needs a CPU with AMX-INT8"):
-        int8_linear.resolve_gemm("auto")
+        int8_kernels.resolve_gemm("auto")
     monkeypatch.delenv("QEQ_INT8_GEMM")
-    assert int8_linear.resolve_gemm("auto") == "int_mm"
+    assert int8_kernels.resolve_gemm("auto") == "int_mm"
     layer = Int8ScalarLinear.from_qat(qat_scalar(N=40))
     with pytest.raises(ValueError, match="needs a CPU with AMX-INT8"):
         layer.set_gemm(gemm)
@@ -433,7 +434,7 @@ def test_amx_gemms_without_amx_are_refused_by_name(monkeypatch, gemm):
 def test_multithreaded_quantizers_and_rescale_agree_bitwise_with_eager(two_threads):
     """The C++ passes split rows over threads (built with -fopenmp): on inputs of many chunks
     their codes, scales and outputs are still those of the eager definitions."""
-    cpp = int8_linear.load_cpp_kernels()
+    cpp = int8_kernels.load_cpp_kernels()
     torch.manual_seed(14)
     x, v, cs = torch.randn(3000, 96) * 0.7, torch.randn(900, 3, 96), torch.rand(96)
     assert torch.equal(cpp.quantize_per_tensor(x, 0.01, 127), EagerKernels.quantize_per_tensor(x, 0.01, 127))
@@ -451,7 +452,7 @@ def test_multithreaded_quantizers_and_rescale_agree_bitwise_with_eager(two_threa
 
 
 def test_planar_two_limb_codes_hold_the_interleaved_rows():
-    cpp = int8_linear.load_cpp_kernels()
+    cpp = int8_kernels.load_cpp_kernels()
     torch.manual_seed(12)
     x, v, cs = torch.randn(37, 20), torch.randn(11, 3, 20), torch.rand(20)
     inter = cpp.quantize_static_limbs(x, 0.01, 127)

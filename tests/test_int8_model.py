@@ -25,21 +25,22 @@ from ase import Atoms
 from conftest import build_tiny_model
 
 from qeq_ase.calculator import QEqCalculator
-from qeq_ase.checkpoint import (PotentialFileError, load_potential_file, pack_state_dict, read_potential_file,
-                                save_potential)
-from qeq_ase.equivariance import check_equivariance
-from qeq_ase.graph import molecules_to_graph
-from qeq_ase.cpu_features import int_mm_is_exact
-from qeq_ase.int8_linear import Int8ScalarLinear, Int8VectorLinear, _brgemm_fits, cpu_has_amx_int8, resolve_gemm
-from qeq_ase.int8_model import (build_int8_model, convert_to_int8, int8_kernel_report, int8_model_skeleton,
-                                int8_state_dict, set_activation_limbs, set_backward_kernel, set_int8_gemm,
-                                state_dict_nbytes)
-from qeq_ase.layers import FeatureObserver
-from qeq_ase.model import ModelConfig, QEqModel
-from qeq_ase.qat import (QATScalarLinear, QATVectorLinear, calibration, convert_to_qat, quantization_state,
-                         set_quantization)
-from qeq_ase.quantizers import MDDQQuantizer, NaiveQuantizer
-from qeq_ase.registry import load_model
+from qeq_ase.io.checkpoint import (PotentialFileError, load_potential_file, pack_state_dict, read_potential_file,
+                                   save_potential)
+from qeq_ase.checks.equivariance import check_equivariance
+from qeq_ase.data.graph import molecules_to_graph
+from qeq_ase.kernels.cpu_features import int_mm_is_exact
+from qeq_ase.quant.int8_kernels import _brgemm_fits, cpu_has_amx_int8, resolve_gemm
+from qeq_ase.quant.int8_linear import Int8ScalarLinear, Int8VectorLinear
+from qeq_ase.quant.int8_model import (build_int8_model, convert_to_int8, int8_kernel_report, int8_model_skeleton,
+                                      int8_state_dict, set_activation_limbs, set_backward_kernel, set_int8_gemm,
+                                      state_dict_nbytes)
+from qeq_ase.model.layers import FeatureObserver
+from qeq_ase.model.network import ModelConfig, QEqModel
+from qeq_ase.quant.qat import (QATScalarLinear, QATVectorLinear, calibration, convert_to_qat, quantization_state,
+                               set_quantization)
+from qeq_ase.quant.quantizers import MDDQQuantizer, NaiveQuantizer
+from qeq_ase.io.registry import load_model
 
 INT8_VS_QAT_RTOL = 1e-4     # relative force RMS error, and |dE| in eV (measured 4e-7 and 1e-7)
 LEE_FRACTION_OF_MEAN_F = 0.05  # measured 1.4% (full), 0.5% (naive)
@@ -144,7 +145,7 @@ def test_int8_model_matches_the_qat_model(models):
 
 def test_two_limb_qat_model_matches_the_two_limb_int8_model(models):
     """QAT with ``activation_limbs: 2`` trains on the arithmetic the shipped int8 file runs."""
-    from qeq_ase.qat import set_activation_limbs as set_qat_limbs
+    from qeq_ase.quant.qat import set_activation_limbs as set_qat_limbs
 
     _, qat, model = models
     positions = molecules(3, seed=1)
@@ -260,7 +261,7 @@ def test_forward_runs_int8_gemms_and_never_a_dequantized_float_layer(models, mon
     names = [event.name for event in prof.events()]
     assert sum(is_int8_gemm(name) for name in names) >= int8_kernel_report(model)["int8_gemm_layers"]
     # the one float layer: the radial embedding (K = num_radial inputs); the neighbour embedding's
-    # K-wide projection is a matmul of per-node sums (qeq_ase/model.py, NeighborEmbedding)
+    # K-wide projection is a matmul of per-node sums (qeq_ase/model/network.py, NeighborEmbedding)
     assert names.count("aten::linear") == 1
 
 

@@ -11,7 +11,7 @@ from ase import units
 from ase.calculators.calculator import Calculator
 
 from qeq_ase.calculator import QEqCalculator
-from qeq_ase.ipi import connect, stress_mode, unix_socket_path
+from qeq_ase.md.ipi import connect, stress_mode, unix_socket_path
 from ipi_harness import IPI_SCRIPT, needs_ipi, start, wait_for
 
 #: i-PI input: 2 beads from the same positions, 3 steps; every bead's potential (Hartree,
@@ -77,7 +77,7 @@ def test_ipi_records_our_energies(tmp_path, aspirin, processes):
 
     server = start(processes, [sys.executable, IPI_SCRIPT, "input.xml"], tmp_path / "ipi.log", tmp_path)
     threads = str(torch.get_num_threads())  # as in this process, so the reference rounds alike
-    client = [sys.executable, "-m", "qeq_ase.ipi", "start.xyz", "--model", "aspirin_int8", "--unix", str(socket_path), "--threads", threads, "--connect-timeout", "30"]
+    client = [sys.executable, "-m", "qeq_ase.md.ipi", "start.xyz", "--model", "aspirin_int8", "--unix", str(socket_path), "--threads", threads, "--connect-timeout", "30"]
     logs = [tmp_path / "ipi.log", tmp_path / "client_0.log", tmp_path / "client_1.log"]
     clients = [start(processes, client, log, tmp_path) for log in logs[1:]]
     wait_for(server, clients, logs, timeout_s=60)

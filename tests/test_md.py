@@ -14,8 +14,8 @@ from ase import Atoms
 from ase.io import read, write
 
 from qeq_ase.calculator import QEqCalculator
-from qeq_ase.md import load_start_structure, main, run_md
-from qeq_ase.md_trajectory import FRAME_FIELDS, TrajectoryError, read_trajectory
+from qeq_ase.md.driver import load_start_structure, main, run_md
+from qeq_ase.md.trajectory import FRAME_FIELDS, TrajectoryError, read_trajectory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def _frames_on_disk(path: Path) -> int:
 def _start_cli(tmp_path, potential, rmd17_dir, trajectory) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "qeq_ase.md", "rmd17:aspirin:0", "--model", str(potential), "--steps", "100000",
+    cmd = [sys.executable, "-m", "qeq_ase.md.driver", "rmd17:aspirin:0", "--model", str(potential), "--steps", "100000",
            "--flush-every", "5", "--trajectory", str(trajectory), "--data-dir", str(rmd17_dir), "--seed", "3",
            "--dtype", "float64", "--no-progress"]
     return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -12,8 +12,9 @@ import pytest
 from ase import units
 
 import qeq_ase
-from qeq_ase.md import main, run_md
-from qeq_ase.md_trajectory import FRAME_FIELDS, TrajectoryError, TrajectoryWriter, convert_trajectory, read_trajectory
+from qeq_ase.md.driver import main, run_md
+from qeq_ase.md.trajectory import FRAME_FIELDS, TrajectoryError, read_trajectory
+from qeq_ase.md.trajectory_writer import TrajectoryWriter, convert_trajectory
 from test_md import _start_cli, _wait_for_frames
 
 OLD_FILE = Path(__file__).parent / "data" / "md_format_v1.h5"  # 5 frames written by the format-1 writer

@@ -7,10 +7,10 @@ import pytest
 import torch
 from e3nn import o3
 
-from qeq_ase.checkpoint import PotentialFileError, load_potential_file, save_potential, unpack_state_dict
-from qeq_ase.dataset import load_rmd17
-from qeq_ase.graph import molecules_to_graph
-from qeq_ase.model import ModelConfig, QEqModel
+from qeq_ase.io.checkpoint import PotentialFileError, load_potential_file, save_potential, unpack_state_dict
+from qeq_ase.data.dataset import load_rmd17
+from qeq_ase.data.graph import molecules_to_graph
+from qeq_ase.model.network import ModelConfig, QEqModel
 
 RMD17_DIR = Path(__file__).resolve().parents[2] / "shared" / "rmd17"
 
@@ -206,7 +206,7 @@ def test_format_version_1_files_still_load(tmp_path, aspirin):
 def test_linear_layers_follow_every_weight_update():
     """``W / sqrt(in)`` follows any update of a frozen layer's weight, also those that leave the
     version counter alone (``.data``; on CUDA the EMA update seemed to, docs/training.md)."""
-    from qeq_ase.layers import ScalarLinear, VectorLinear
+    from qeq_ase.model.layers import ScalarLinear, VectorLinear
 
     for layer in (ScalarLinear(8, 4), VectorLinear(8, 4)):
         layer.requires_grad_(False)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from qeq_ase import neighbors
-from qeq_ase.neighbors import (
+from qeq_ase.data import neighbors
+from qeq_ase.data.neighbors import (
     AUTO_DENSE_MAX_ATOMS, HAVE_TORCH_CLUSTER, brute_force_edges, molecule_edges, periodic_edges,
 )
 
@@ -81,7 +81,7 @@ def as_triples(positions, cell, edge_index, shift):
 def aspirin(tmp_path_factory):
     if not ASPIRIN_TEST.is_file():
         pytest.skip(f"rMD17 aspirin frames not found at {ASPIRIN_TEST} (shared/rmd17 next to the repository)")
-    from qeq_ase.dataset import load_rmd17
+    from qeq_ase.data.dataset import load_rmd17
 
     return load_rmd17(ASPIRIN_TEST, cache_dir=tmp_path_factory.mktemp("rmd17_cache"))
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from qeq_ase.calculator import QEqCalculator
-from qeq_ase.checkpoint import PotentialFileError, pack_state_dict, read_potential_file, save_potential
-from qeq_ase.local_frame import OverlappingAtomsError
-from qeq_ase.md import main as md_main
-from qeq_ase.md import run_md
-from qeq_ase.md_trajectory import TrajectoryError, read_trajectory
-from qeq_ase.train import TrainConfig, Trainer
+from qeq_ase.io.checkpoint import PotentialFileError, pack_state_dict, read_potential_file, save_potential
+from qeq_ase.data.local_frame import OverlappingAtomsError
+from qeq_ase.md.driver import main as md_main
+from qeq_ase.md.driver import run_md
+from qeq_ase.md.trajectory import TrajectoryError, read_trajectory
+from qeq_ase.train.trainer import TrainConfig, Trainer
 from conftest import build_tiny_model
 
 
@@ -200,7 +200,7 @@ def test_calculator_pickles(name, aspirin):
 # --- potential files: float weights where int8 belongs -------------------------------------------
 
 def test_int8_file_with_float_weights_is_refused_on_save_and_load(tmp_path):
-    from qeq_ase.registry import load_model
+    from qeq_ase.io.registry import load_model
 
     model, metadata = load_model("aspirin_int8")
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -223,7 +223,7 @@ def test_int8_file_with_float_weights_is_refused_on_save_and_load(tmp_path):
 def test_check_defaults_to_the_molecule_of_the_potential(rmd17_dir, capsys, monkeypatch):
     import json
 
-    from qeq_ase.check_cli import main, recorded_molecule
+    from qeq_ase.cli.check import main, recorded_molecule
 
     assert recorded_molecule("benzene_fp32") == "benzene" and recorded_molecule("ethanol_int8") == "ethanol"
     monkeypatch.setenv("QEQ_RMD17_DIR", str(rmd17_dir))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qeq_ase.node_update import node_update
+from qeq_ase.kernels.node_update import node_update
 
 
 def eager_node_update(s, v, vm, o, agg_v):

@@ -7,12 +7,12 @@ import pytest
 import torch
 from e3nn import o3
 
-from qeq_ase.graph import molecules_to_graph
-from qeq_ase.model import ModelConfig, QEqModel
-from qeq_ase.qat import (QATScalarLinear, QATVectorLinear, calibration, convert_to_qat,
-                         quantization_state, quantizer_parameters, set_quantization, widen_activation_steps)
-from qeq_ase.quantizers import (LSQQuantizer, MDDQQuantizer, NaiveQuantizer, fake_quantize_per_atom,
-                                fake_quantize_weight, per_atom_scale, quantize_weight)
+from qeq_ase.data.graph import molecules_to_graph
+from qeq_ase.model.network import ModelConfig, QEqModel
+from qeq_ase.quant.qat import (QATScalarLinear, QATVectorLinear, calibration, convert_to_qat,
+                               quantization_state, quantizer_parameters, set_quantization, widen_activation_steps)
+from qeq_ase.quant.quantizers import (LSQQuantizer, MDDQQuantizer, NaiveQuantizer, fake_quantize_per_atom,
+                                      fake_quantize_weight, per_atom_scale, quantize_weight)
 
 # Largest angle between u and its MDDQ code direction: each component moves <= 1/254.
 DIRECTION_BOUND_RAD = math.asin(math.sqrt(3) / 254)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from qeq_ase.dataset import load_rmd17
-from qeq_ase.evaluate import error_metrics, predict_frames
-from qeq_ase.int8_linear import gemm_available, resolve_gemm
-from qeq_ase.int8_model import is_int8_model, set_int8_gemm
-from qeq_ase.model import ModelConfig
-from qeq_ase.registry import list_potentials, load_model, potentials_dir, shipped_names
+from qeq_ase.data.dataset import load_rmd17
+from qeq_ase.train.evaluate import error_metrics, predict_frames
+from qeq_ase.quant.int8_kernels import gemm_available, resolve_gemm
+from qeq_ase.quant.int8_model import is_int8_model, set_int8_gemm
+from qeq_ase.model.network import ModelConfig
+from qeq_ase.io.registry import list_potentials, load_model, potentials_dir, shipped_names
 
 RMD17_DIR = Path(__file__).resolve().parents[2] / "shared" / "rmd17"
 REQUIRED_METADATA = ("units", "species", "cutoff", "training_data", "test_errors", "epochs", "num_parameters",
@@ -45,7 +45,7 @@ def test_aspirin_fp32_is_shipped_with_complete_metadata():
 
 
 def test_aspirin_int8_is_shipped_real_int8_and_small():
-    from qeq_ase.int8_model import int8_kernel_report
+    from qeq_ase.quant.int8_model import int8_kernel_report
 
     rows = {r["name"]: r for r in list_potentials()}
     assert rows["aspirin_int8"]["precision"] == "int8" and rows["aspirin_int8"]["species"] == [1, 6, 8]
@@ -146,7 +146,7 @@ def test_unknown_potential_name_lists_the_known_ones():
 
 def test_installed_package_finds_potentials_from_any_directory(tmp_path):
     """With ``pip install .`` the potentials travel as package data (skipped for a source-only checkout)."""
-    code = "import qeq_ase, qeq_ase.registry as r; print(qeq_ase.__file__); print(r.shipped_names())"
+    code = "import qeq_ase, qeq_ase.io.registry as r; print(qeq_ase.__file__); print(r.shipped_names())"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     if result.returncode != 0 and "No module named 'qeq_ase'" in result.stderr:

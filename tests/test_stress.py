@@ -233,7 +233,7 @@ def test_ipi_gets_the_virial_of_a_periodic_cell(tmp_path, tiny_potential_path, p
     atoms.write(tmp_path / "client.extxyz")  # the client's atoms carry the cell and pbc
     (tmp_path / "input.xml").write_text(PERIODIC_INPUT_XML.format(prefix=f"{tmp_path}/"))
     server = start(processes, [sys.executable, IPI_SCRIPT, "input.xml"], tmp_path / "ipi.log", tmp_path)
-    client = start(processes, [sys.executable, "-m", "qeq_ase.ipi", "client.extxyz", "--model", str(tiny_potential_path),
+    client = start(processes, [sys.executable, "-m", "qeq_ase.md.ipi", "client.extxyz", "--model", str(tiny_potential_path),
                                "--unix", str(tmp_path / "qeq"), "--connect-timeout", "30"], tmp_path / "client.log", tmp_path)
     logs = [tmp_path / "ipi.log", tmp_path / "client.log"]
     wait_for(server, [client], logs, timeout_s=60)

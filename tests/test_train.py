@@ -7,9 +7,9 @@ import pytest
 import torch
 import yaml
 
-from qeq_ase.checkpoint import read_potential_file
-from qeq_ase.model import ModelConfig, QEqModel
-from qeq_ase.train import EMA, TrainConfig, Trainer, learning_rate, parameter_groups
+from qeq_ase.io.checkpoint import read_potential_file
+from qeq_ase.model.network import ModelConfig, QEqModel
+from qeq_ase.train.trainer import EMA, TrainConfig, Trainer, learning_rate, parameter_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def test_qat_fine_tune_switches_branches_on_separately(tmp_path, rmd17_dir):
                           quantization={"scheme": "full", "scalar_start_epoch": 0, "vector_start_epoch": 1,
                                         "calibration_batches": 1})
     trainer = Trainer(qat_cfg)
-    from qeq_ase.qat import quantization_state, quantizer_parameters
+    from qeq_ase.quant.qat import quantization_state, quantizer_parameters
 
     steps = {name: p.item() for name, p in trainer.model.named_parameters() if name.endswith(".step")}
     assert len(steps) == len(quantizer_parameters(trainer.model)) > 0
@@ -117,9 +117,9 @@ def test_qat_fine_tune_switches_branches_on_separately(tmp_path, rmd17_dir):
     assert payload["metadata"]["epochs"] >= 2  # an epoch with both branches on
 
     # qeq-export --int8: the real int8 model, evaluated and written with the QAT metadata
-    from qeq_ase.export import export_potential
-    from qeq_ase.int8_model import int8_kernel_report
-    from qeq_ase.registry import load_model
+    from qeq_ase.train.export import export_potential
+    from qeq_ase.quant.int8_model import int8_kernel_report
+    from qeq_ase.io.registry import load_model
 
     out = tmp_path / "tiny_int8.pt"
     metadata = export_potential(f"{qat_cfg.output_dir}/best.pt", str(rmd17_dir / "rmd17_ethanol_test_01.npz"),
@@ -134,7 +134,7 @@ def test_qat_fine_tune_switches_branches_on_separately(tmp_path, rmd17_dir):
 
 
 def test_qat_can_keep_the_calibrated_steps_with_a_margin(tmp_path, rmd17_dir):
-    from qeq_ase.qat import quantizer_parameters
+    from qeq_ase.quant.qat import quantizer_parameters
 
     float_cfg = tiny_config(tmp_path, rmd17_dir, output_dir=str(tmp_path / "float"), max_epochs=1)
     Trainer(float_cfg).run()
@@ -155,7 +155,7 @@ def test_qat_can_keep_the_calibrated_steps_with_a_margin(tmp_path, rmd17_dir):
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")))
 def test_committed_configs_load(path):
-    from qeq_ase.train import QuantizationConfig
+    from qeq_ase.train.trainer import QuantizationConfig
 
     cfg = TrainConfig.from_yaml(ROOT / path)
     if cfg.quantization is not None:

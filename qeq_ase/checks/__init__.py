@@ -1,0 +1,2 @@
+"""Physics checks of a potential: equivariance (LEE) and NVE energy conservation.
+"""

@@ -1,0 +1,3 @@
+"""Potential files: the versioned file format (``checkpoint``) and the shipped, named potentials
+(``registry``).
+"""

@@ -1,0 +1,260 @@
+"""Fused per-edge attention (C++), used at inference by the float32 and the INT8 models alike.
+
+An energy + forces call of the eager attention layer spends ~75% of its time in the
+element-wise ops, gathers and scatters over ``[E, F]``-sized tensors between the GEMMs
+(``docs/speed.md``). :func:`edge_attention` does that work of one layer,
+from the node-wise ``qkv`` and ``v_in`` and the edge-wise filters to the aggregated
+messages, in one C++ pass per receiver (``qeq_ase/kernels/csrc/edge_attention.cpp``), with a
+first-order backward that gives forces. It computes what the eager
+``EquivariantAttention._messages`` computes (sink softmax, cosine or dot-product logits),
+up to float rounding.
+
+It has no double backward (``once_differentiable``): training on forces
+(``create_graph=True``) keeps the eager path. The fused path is chosen by
+:meth:`qeq_ase.model.network.QEqModel.energy_and_forces` when ``training=False``; set
+``QEQ_EDGE_BACKEND=eager`` to compare with the eager layer. Like the INT8 kernels it is
+built on first use (~20-40 s once, then cached); if it cannot be built the eager layer
+runs, with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .cpp_extension import CSRC, OPENMP_FLAGS, LazyExtension
+from .node_update import load_node_update_kernel
+
+EXTENSION_NAME = "qeq_edge_attention"
+# OpenMP: the kernel's at::parallel_for loops run on torch's threads (-fopenmp also enables the
+# omp simd reductions). One layer's backward, 1,344 atoms, 2 threads: 17 ms against 33 ms
+# single-threaded (benchmarks/edge_filter_gradient.py, docs/speed.md).
+_CFLAGS = ["-O3", *OPENMP_FLAGS]
+BACKENDS = ("auto", "cpp", "eager")
+_EXTENSION = LazyExtension(EXTENSION_NAME, CSRC / "edge_attention.cpp", _CFLAGS,
+                           "the fused edge-attention kernel", ldflags=OPENMP_FLAGS)
+
+
+def load_edge_kernel():
+    """Build (first call) or load the C++ edge kernel; raise RuntimeError if impossible."""
+    return _EXTENSION.load()
+
+
+def edge_backend() -> str:
+    """``"cpp"`` if the fused kernel runs at inference, else ``"eager"`` (``QEQ_EDGE_BACKEND``)."""
+    choice = os.environ.get("QEQ_EDGE_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"QEQ_EDGE_BACKEND must be one of {BACKENDS}, not {choice!r}")
+    if choice == "eager":
+        return "eager"
+    try:
+        load_edge_kernel()
+        load_node_update_kernel()  # the fused path's node update (qeq_ase/kernels/node_update.py)
+    except RuntimeError as err:
+        if choice == "cpp":
+            raise
+        warnings.warn(f"{err} Running the eager attention layers (slower).", RuntimeWarning, stacklevel=2)
+        return "eager"
+    return "cpp"
+
+
+@dataclass(frozen=True)
+class EdgeCSR:
+    """A graph's edges sorted by receiver (``rowptr``) and grouped by sender (``colptr``).
+
+    Built once per forward pass and shared by the layers. ``sender``/``receiver`` are the
+    edge endpoints in receiver order; ``sender_order`` lists the edge ids by sender.
+    """
+
+    rowptr: torch.Tensor
+    sender: torch.Tensor
+    receiver: torch.Tensor
+    colptr: torch.Tensor
+    sender_order: torch.Tensor
+
+    @classmethod
+    def from_sorted_edges(cls, edge_index: torch.Tensor, num_nodes: int) -> "EdgeCSR":
+        sender, receiver = edge_index[0].contiguous(), edge_index[1].contiguous()
+        if receiver.numel() > 1 and bool((receiver[1:] < receiver[:-1]).any()):
+            raise ValueError("EdgeCSR needs edges sorted by receiver (see receiver_order)")
+        rowptr = torch.zeros(num_nodes + 1, dtype=torch.long, device=receiver.device)
+        rowptr[1:] = torch.cumsum(torch.bincount(receiver, minlength=num_nodes), 0)
+        colptr = torch.zeros_like(rowptr)
+        colptr[1:] = torch.cumsum(torch.bincount(sender, minlength=num_nodes), 0)
+        sender_order = torch.argsort(sender, stable=True)
+        return cls(rowptr, sender, receiver, colptr, sender_order)
+
+
+#: Edge blocks are cut so that one block's ``[E_block, 4F]`` float32 filters stay under this
+#: size, which bounds the memory of a layer's filters and their gradient for large systems.
+#: Below it the whole graph is one block: with the multi-threaded kernel one block is the
+#: fastest even with glibc's default malloc, which page-faults large tensors in anew on every
+#: call (1,344 atoms, 2 threads, fp32 / int8: 216 / 181 ms against 272 / 243 ms for the 8 MB
+#: blocks used before; ``benchmarks/edge_blocks.py``, ``docs/speed.md``).
+BLOCK_BYTES = 1 << 30
+#: ...but a block never has fewer edges than this many per node of the graph: every block
+#: writes node-sized outputs and gradients (``[N, 4F]``, ``[N, 5F]``, ``[N, 3, F]``), so
+#: blocks much smaller than the graph cost O(N) each (at 10,000 atoms 4,096-edge blocks made
+#: the fused path slower than the eager one on 2 threads).
+MIN_BLOCK_EDGES_PER_NODE = 8
+
+
+@dataclass(frozen=True)
+class EdgeBlock:
+    """The edges ``edges`` (a slice of the receiver-sorted edge list) of a run of receivers."""
+
+    edges: slice
+    csr: EdgeCSR
+
+
+def edge_blocks(edge_index: torch.Tensor, num_nodes: int, row_bytes: int) -> list[EdgeBlock]:
+    """Cut receiver-sorted edges into blocks of whole receivers.
+
+    A block holds about ``max(BLOCK_BYTES / row_bytes, MIN_BLOCK_EDGES_PER_NODE * num_nodes)``
+    edges.
+
+    Each block's :class:`EdgeCSR` spans all ``num_nodes`` nodes (receivers outside the block
+    have no edges there), so the kernel's outputs of the blocks simply add up.
+    """
+    max_edges = max(1, BLOCK_BYTES // max(1, row_bytes), MIN_BLOCK_EDGES_PER_NODE * num_nodes)
+    counts = torch.bincount(edge_index[1], minlength=num_nodes)
+    ends = torch.cumsum(counts, 0)
+    block = (ends - counts) // max_edges  # the block of each receiver, by where its edges start
+    cuts = torch.nonzero(block[1:] != block[:-1]).flatten() + 1  # first receiver of each new block
+    bounds = [0] + ends[cuts - 1].tolist() + [edge_index.shape[1]] if len(cuts) else [0, edge_index.shape[1]]
+    return [EdgeBlock(slice(b0, b1), EdgeCSR.from_sorted_edges(edge_index[:, b0:b1], num_nodes))
+            for b0, b1 in zip(bounds[:-1], bounds[1:]) if b1 > b0]
+
+
+def receiver_order(edge_index: torch.Tensor) -> torch.Tensor | None:
+    """The permutation that sorts edges by receiver, or ``None`` if they already are."""
+    receiver = edge_index[1]
+    if receiver.numel() < 2 or not bool((receiver[1:] < receiver[:-1]).any()):
+        return None
+    return torch.argsort(receiver, stable=True)
+
+
+def _forward(ctx, qkv, vin, filt, envelope, unit, scale, csr: EdgeCSR, normalize: bool, *extra, **in_kernel):
+    """Run the kernel and save what its backward needs (plus ``extra`` tensors, saved last).
+    ``in_kernel``: the in-kernel filter's arguments (then ``filt`` is empty)."""
+    graph = (csr.rowptr, csr.sender, csr.receiver, csr.colptr, csr.sender_order)
+    agg_s, agg_v, *saved = load_edge_kernel().forward(qkv, vin, filt, envelope, unit, scale, *graph, normalize,
+                                                      **in_kernel)
+    if in_kernel:  # the kernel computed the filter rows (the backward's filt) from extra[0], its input
+        clipped, filt = bool(saved.pop()), saved.pop()
+        if not clipped:  # the input is kept only for LSQ's STE mask, when some was clipped
+            extra = (None,) + extra[1:]
+    ctx.save_for_backward(qkv, vin, filt, envelope, unit, scale, *saved, *graph, *extra)
+    ctx.normalize = normalize
+    return agg_s, agg_v
+
+
+def _backward(ctx, grad_s, grad_v, n_extra: int = 0, **codes):
+    """The kernel's backward from what :func:`_forward` saved: its eight outputs and the extra tensors."""
+    saved = ctx.saved_tensors
+    kernel_inputs, extra = saved[:len(saved) - n_extra], saved[len(saved) - n_extra:]
+    qkv, vin = kernel_inputs[:2]
+    if grad_s is None:
+        grad_s = torch.zeros(qkv.shape[0], qkv.shape[1] // 5, dtype=qkv.dtype)
+    if grad_v is None:
+        grad_v = torch.zeros_like(vin)
+    grads = load_edge_kernel().backward(grad_s.contiguous(), grad_v.contiguous(), *kernel_inputs, ctx.normalize,
+                                        **codes)
+    return grads, extra
+
+
+class _EdgeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, vin, filt, envelope, unit, scale, csr: EdgeCSR, normalize: bool):
+        return _forward(ctx, qkv, vin, filt, envelope, unit, scale, csr, normalize)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_s, grad_v):
+        (dqkv, dvin, dfilt, denv, dunit, dscale, _, _), _ = _backward(ctx, grad_s, grad_v)
+        return dqkv, dvin, dfilt, denv, dunit, dscale, None, None
+
+
+class _Int8FilterEdgeAttention(torch.autograd.Function):
+    """The filter GEMM and the kernel as one node, for an int8 filter layer that takes gradient codes.
+
+    Backward: the kernel writes the filter gradient times the layer's weight scales as
+    two-limb int8 codes per edge, which go straight into the layer's int8 input-gradient
+    GEMM; the ``[E, 4F]`` float gradient is never stored, nor read again to be quantized.
+
+    With the brgemm GEMM (``layer.in_kernel_operands()``) the kernel goes further: it
+    quantizes the edge features and computes the filter rows itself, a window of edges at
+    a time, uses them while they are in cache and streams them to memory for the backward,
+    and its backward runs the layer's input-gradient GEMM on each window of senders'
+    gradient codes: no separate filter GEMM, no codes tensor. Same arithmetic, same results
+    (tested bit for bit).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, vin, edge_features, envelope, unit, scale, csr: EdgeCSR, normalize: bool, layer):
+        ctx.layer = layer
+        ctx.in_kernel = layer.in_kernel_operands()
+        if ctx.in_kernel is not None:
+            return _forward(ctx, qkv, vin, qkv.new_empty(0), envelope, unit, scale, csr, normalize, edge_features,
+                            filter_x=edge_features,
+                            **{k: ctx.in_kernel[k] for k in ("filter_w", "filter_w_scale", "filter_step",
+                                                             "filter_qmax")})
+        filt, clipped = layer.forward_no_grad(edge_features)
+        return _forward(ctx, qkv, vin, filt, envelope, unit, scale, csr, normalize,
+                        edge_features if clipped else None)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_s, grad_v):
+        layer = ctx.layer
+        if ctx.in_kernel is not None:
+            clipped_input = ctx.saved_tensors[-1]  # the extra tensor of _forward (None: nothing clipped)
+            grads, _ = _backward(ctx, grad_s, grad_v, n_extra=1, filt_col_scale=layer.weight_scale,
+                                 tiny=layer.gradient_tiny, filter_mask_x=clipped_input,
+                                 **{k: ctx.in_kernel[k] for k in ("filter_w_bwd", "filter_step", "filter_qmax")})
+            dqkv, dvin, dfeatures, denv, dunit, dscale, _, _ = grads
+            return dqkv, dvin, dfeatures, denv, dunit, dscale, None, None, None
+        n_edges = ctx.saved_tensors[2].shape[0]
+        grads, (clipped_input,) = _backward(ctx, grad_s, grad_v, n_extra=1, filt_col_scale=layer.weight_scale,
+                                            tiny=layer.gradient_tiny, planar=layer.planar_gradient_codes(n_edges))
+        dqkv, dvin, _, denv, dunit, dscale, codes, code_scale = grads
+        dfeatures = layer.input_grad_from_codes(codes, code_scale, clipped_input) if ctx.needs_input_grad[2] else None
+        return dqkv, dvin, dfeatures, denv, dunit, dscale, None, None, None
+
+
+def edge_attention(qkv: torch.Tensor, vin: torch.Tensor, filt: torch.Tensor, envelope: torch.Tensor,
+                   unit: torch.Tensor, scale: torch.Tensor, csr: EdgeCSR, normalize: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aggregated scalar ``[N, F]`` and vector ``[N, 3, F]`` messages of one attention layer.
+
+    ``qkv [N, 5F]`` (q | k | three value parts), ``vin [N, 3, F]``, ``filt [E, 4F]`` (key
+    filter | three value filters, before the envelope), ``envelope [E]``, ``unit [E, 3]``,
+    ``scale [H]`` (inverse temperatures, or ``1/sqrt(F/H)`` without normalisation).
+    Tensors are cast to one float dtype (float32 under bf16 autocast).
+    """
+    dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    args = [t.to(dtype).contiguous() for t in (qkv, vin, filt, envelope, unit, scale)]
+    return _EdgeAttention.apply(*args, csr, normalize)
+
+
+def filtered_edge_attention(qkv: torch.Tensor, vin: torch.Tensor, edge_features: torch.Tensor, filter_layer,
+                            envelope: torch.Tensor, unit: torch.Tensor, scale: torch.Tensor, csr: EdgeCSR,
+                            normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`edge_attention` with ``filt = filter_layer(edge_features)``.
+
+    If the filter layer takes its input gradient as int8 codes
+    (``filter_layer.takes_gradient_codes``: an int8 layer with two-limb inputs and
+    ``backward="auto"``, the default, or ``"int8"``; :mod:`qeq_ase.quant.int8_linear`) and the
+    inputs are float32, the filter GEMM
+    and the kernel run as one autograd node whose backward feeds the kernel's int8 filter
+    gradient to the layer's int8 GEMM (:class:`_Int8FilterEdgeAttention`).
+    """
+    if (getattr(filter_layer, "takes_gradient_codes", False) and qkv.dtype == torch.float32
+            and vin.dtype == torch.float32 and edge_features.dtype == torch.float32):
+        args = [t.contiguous() for t in (qkv, vin, edge_features, envelope.float(), unit.float(), scale.float())]
+        return _Int8FilterEdgeAttention.apply(*args, csr, normalize, filter_layer)
+    return edge_attention(qkv, vin, filter_layer(edge_features), envelope, unit, scale, csr, normalize)
