@@ -9,7 +9,7 @@ Two checks on the aspirin configs, printed as figures:
    on a CPU copy. On correct code the two validations agree.
 
     python benchmarks/device_training_check.py ../shared/rmd17/rmd17_aspirin_train_01.npz \
-        configs/gpu/aspirin_fp32_gpu_b32.yaml --epochs 5
+        configs/experiments/gpu/aspirin_fp32_gpu_b32.yaml --epochs 5
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def check_ema_and_validation(config: str, device: str, epochs: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("train_file", help="rmd17_aspirin_train_01.npz")
-    parser.add_argument("config", help="a training config, e.g. configs/gpu/aspirin_fp32_gpu_b32.yaml")
+    parser.add_argument("config", help="a training config, e.g. configs/experiments/gpu/aspirin_fp32_gpu_b32.yaml")
     parser.add_argument("--potential", default="potentials/aspirin_fp32.pt", help="float file of check 1")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--epochs", type=int, default=5)

@@ -1,6 +1,6 @@
 """Seconds per training epoch of a model config, eager against compiled, without a full epoch.
 
-    python benchmarks/training_speed.py configs/aspirin_fp32.yaml --threads 2
+    python benchmarks/training_speed.py configs/recipes/aspirin/fp32.yaml --threads 2
 
 Times ``--steps`` optimizer steps (energy + force loss, double backward) on real batches of
 the config's training file, alternating rounds of the eager double backward

@@ -11,7 +11,7 @@ neighbour list).
     python md_examples/profile_calculator.py --model random   # untrained model, architecture of aspirin_fp32
 
 ``--model random`` builds ``QEqModel(ModelConfig())`` (128 features, 4 layers, 8 heads:
-the architecture of ``configs/aspirin_fp32.yaml``) for timing before a trained file exists.
+the architecture of ``configs/recipes/aspirin/fp32.yaml``) for timing before a trained file exists.
 """
 
 from __future__ import annotations

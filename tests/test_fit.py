@@ -16,7 +16,7 @@ from qeq_ase.tools.published_rmd17 import PUBLISHED_RMD17
 from qeq_ase.tools.report import default_settings, write_report
 
 FP32 = {"model": {"num_features": 16, "num_layers": 1, "num_heads": 2, "num_radial": 8},
-        "n_val": 10, "n_train": 64, "batch_size": 32, "max_epochs": 1}
+        "n_val": 10, "n_train": 64, "batch_size": 32, "max_epochs": 1, "compile": False}
 QAT = {"n_val": 10, "n_train": 64, "batch_size": 32, "max_epochs": 2,
        "quantization": {"vector_start_epoch": 1, "calibration_batches": 1}}
 

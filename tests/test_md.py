@@ -203,3 +203,14 @@ def test_bad_start_fails_before_a_file_is_written(tmp_path, tiny_potential_path)
     with pytest.raises(ValueError, match=r"N \(Z=7\)"):
         run_md(atoms, tiny_potential_path, steps=2, trajectory=tmp_path / "md.h5", progress=False)
     assert not (tmp_path / "md.h5").exists()
+
+
+def test_shipped_structures_load_by_name_without_data_files(tmp_path, monkeypatch):
+    from qeq_ase.data.dataset import RMD17_MOLECULES
+    from qeq_ase.md.driver import load_start_structure, shipped_structures
+
+    monkeypatch.chdir(tmp_path)  # no ../shared here
+    assert shipped_structures() == sorted(RMD17_MOLECULES)
+    atoms = load_start_structure("aspirin")
+    assert atoms.get_chemical_formula() == "C9H8O4" and not atoms.pbc.any()
+    assert load_start_structure("ethanol").get_chemical_formula() == "C2H6O"

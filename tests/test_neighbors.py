@@ -15,7 +15,7 @@ from qeq_ase.data.neighbors import (
 
 RMD17_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "rmd17"
 ASPIRIN_TEST = RMD17_DIR / "rmd17_aspirin_test_01.npz"
-CUTOFF = 5.0  # the project's model cutoff (configs/aspirin_fp32.yaml)
+CUTOFF = 5.0  # the project's model cutoff (configs/recipes/aspirin/fp32.yaml)
 
 needs_torch_cluster = pytest.mark.skipif(not HAVE_TORCH_CLUSTER, reason="torch-cluster is not installed")
 MOLECULE_METHODS = ["brute_force", "matscipy", "auto",

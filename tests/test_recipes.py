@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qeq_ase.dataset import RMD17_MOLECULES
-from qeq_ase.train import TrainConfig
+from qeq_ase.data.dataset import RMD17_MOLECULES
+from qeq_ase.train.trainer import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "recipes"

@@ -55,9 +55,21 @@ def default_rmd17_dir() -> Path:
     return Path(env) if env else Path.cwd().parent / "shared" / "rmd17"
 
 
-def load_start_structure(source: str | os.PathLike | Atoms, data_dir: str | os.PathLike | None = None) -> Atoms:
-    """A copy of ``source``: Atoms, ``rmd17:<molecule>[:<frame>[:<split>]]`` or any ASE-readable file.
+#: Start structures shipped with the package (``qeq_ase/tools/relax_structures.py`` writes them).
+STRUCTURES_DIR = Path(__file__).resolve().parents[1] / "structures"
 
+
+def shipped_structures() -> list[str]:
+    """Names of the shipped start structures: the ten rMD17 molecules, e.g. ``"aspirin"``."""
+    return sorted(path.stem for path in STRUCTURES_DIR.glob("*.xyz"))
+
+
+def load_start_structure(source: str | os.PathLike | Atoms, data_dir: str | os.PathLike | None = None) -> Atoms:
+    """A copy of ``source``: Atoms, a shipped structure's name, ``rmd17:<molecule>[:<frame>[:<split>]]``
+    or any ASE-readable file.
+
+    A name from :func:`shipped_structures` (``"aspirin"``) is that molecule relaxed with its own
+    float32 potential, shipped with the package (no data files needed).
     ``rmd17:aspirin:0`` is frame 0 of ``rmd17_aspirin_test_01.npz`` in ``data_dir``
     (default :func:`default_rmd17_dir`); the split is ``test`` unless given. Files are read
     with ``ase.io.read`` (last image of a multi-image file).
@@ -67,6 +79,10 @@ def load_start_structure(source: str | os.PathLike | Atoms, data_dir: str | os.P
         atoms.calc = None
         return atoms
     text = str(source)
+    if text in shipped_structures() and not Path(text).exists():
+        from ase.io import read
+
+        return read(STRUCTURES_DIR / f"{text}.xyz")
     if text.startswith("rmd17:"):
         from ..data.dataset import load_rmd17, rmd17_path
 
@@ -86,7 +102,8 @@ def load_start_structure(source: str | os.PathLike | Atoms, data_dir: str | os.P
     from ase.io import read
 
     if not Path(text).is_file():
-        raise FileNotFoundError(f"start structure not found: {text} (a file, or rmd17:<molecule>:<frame>)")
+        raise FileNotFoundError(f"start structure not found: {text} (a file, a shipped structure: "
+                                f"{', '.join(shipped_structures())}, or rmd17:<molecule>:<frame>)")
     try:
         atoms = read(text)
     except Exception as err:  # ASE raises many kinds of errors on files it cannot parse
@@ -331,7 +348,7 @@ def _run_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="qeq-md", description="MD with a qeq-ase potential, written to an HDF5 trajectory. "
         "Convert a trajectory with: qeq-md convert md.h5 out.extxyz")
-    parser.add_argument("start", nargs="?", help="start structure: ASE-readable file or rmd17:<molecule>:<frame> "
+    parser.add_argument("start", nargs="?", help="start structure: a shipped molecule (aspirin, ethanol, ...), an ASE-readable file or rmd17:<molecule>:<frame> "
                         "(not needed with --resume)")
     parser.add_argument("--model", default=None, help="shipped potential name or path (default aspirin_fp32; "
                         "with --resume, the model the trajectory records)")

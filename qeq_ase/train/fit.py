@@ -33,17 +33,16 @@ from .export import export_potential
 from .fit_record import check_name, check_or_reset, fit_record
 from .trainer import Trainer, TrainConfig
 
-#: The architecture and float recipe of configs/aspirin_fp32.yaml, with the learning rate the A/B
-#: of docs/training.md favours: what trained the nine shipped non-aspirin potentials. The shipped
-#: aspirin file came from energy weight 0.01 and the expnorm basis (configs/aspirin_fp32_expnorm.yaml).
+#: The float recipe: the first stage of aspirin's (configs/recipes/aspirin/fp32.yaml), the one
+#: measured best from scratch (docs/training.md, "Why the recipe"), on the compiled training step.
 FP32_RECIPE: dict = {
     "n_val": 50,
     "model": {"cutoff": 5.0, "num_features": 128, "num_layers": 4, "num_heads": 8, "num_radial": 16,
-              "neighbor_embedding": True, "attention_normalization": True},
-    "batch_size": 8, "lr": 1.0e-2, "min_lr": 1.0e-6, "warmup_epochs": 2, "max_epochs": 2000,
-    "energy_weight": 0.2, "force_weight": 1.0, "ema_decay": 0.999,
+              "radial_basis": "expnorm", "neighbor_embedding": True, "attention_normalization": True},
+    "batch_size": 8, "lr": 1.0e-2, "min_lr": 1.0e-6, "warmup_epochs": 2, "max_epochs": 5000,
+    "energy_weight": 0.01, "force_weight": 1.0, "ema_decay": 0.999, "compile": True,
 }
-#: The QAT recipe of potentials/aspirin_int8.pt (configs/aspirin_int8.yaml): trained on the
+#: The QAT recipe of every shipped INT8 file (configs/recipes/*/int8.yaml): trained on the
 #: two-limb inputs the exported file runs with, activation steps calibrated with a 2x margin
 #: and kept fixed (learned LSQ steps shrank until test frames were clipped; docs/quantization.md).
 INT8_RECIPE: dict = {
