@@ -34,10 +34,12 @@ STALE_LOCK_S = 600.0
 
 
 def build_key(cflags: list[str]) -> str:
-    """12 hex digits that change with the Python environment, torch, the flags and the CPU."""
+    """12 hex digits that change with the Python environment, torch, the flags, the CPU and the shared headers."""
     import torch
 
-    parts = [sys.prefix, torch.__version__, " ".join(cflags), cpu_model_name(), " ".join(sorted(cpu_flags()))]
+    headers = [path.read_bytes() for path in sorted(CSRC.glob("*.h"))]  # torch rebuilds on .cpp changes only
+    parts = [sys.prefix, torch.__version__, " ".join(cflags), cpu_model_name(), " ".join(sorted(cpu_flags())),
+             hashlib.sha256(b"".join(headers)).hexdigest()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 
@@ -116,6 +118,7 @@ class LazyExtension:
                 print(f"qeq-ase: compiling {self.what} for this environment and CPU (once, 30-60 s) in {directory}",
                       file=sys.stderr, flush=True)
             self.module = load(name=self.name, sources=[str(self.source)], extra_cflags=cflags,
+                               extra_include_paths=[str(CSRC)],
                                extra_ldflags=self.ldflags, build_directory=str(directory), verbose=False)
         except Exception as err:  # no compiler, no ninja, missing headers, missing source, ...
             last = str(err).strip().splitlines()[-1] if str(err).strip() else ""

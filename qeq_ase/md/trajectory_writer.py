@@ -233,37 +233,36 @@ class TrajectoryWriter:
         self.close()
 
 
+def _try_lock(path, exclusive: bool) -> tuple[int | None, bool]:
+    """``(fd, True)`` with ``path`` locked (``flock``, shared or exclusive, never waiting);
+    ``(None, False)`` where another process holds a conflicting lock; ``(None, None)`` where
+    this system or file system has no locks."""
+    if fcntl is None:
+        return None, None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        return None, (False if isinstance(err, BlockingIOError) else None)
+    return fd, True
+
+
 def _hold_shared_lock(path) -> int | None:
-    """A file descriptor holding a shared ``flock`` on ``path`` (None where locks are unavailable).
+    """A file descriptor holding a shared lock on ``path`` (None where it cannot be had).
 
     HDF5 drops its own lock once SWMR writing starts; this one lets SWMR readers in (they
     take shared locks too) but shows :func:`_in_use` that the writer is alive.
     """
-    if fcntl is None:
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
+    return _try_lock(path, exclusive=False)[0]
 
 
 def _in_use(path: Path) -> bool:
     """Whether another process holds a lock on ``path`` (a running writer, or an open reader)."""
-    if fcntl is None:
-        return False
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:  # a file system without locks
-        return False
-    finally:
+    fd, locked = _try_lock(path, exclusive=True)
+    if fd is not None:
         os.close(fd)
-    return False
+    return locked is False
 
 
 def _open_for_append(path: Path) -> h5py.File:

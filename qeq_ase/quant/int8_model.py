@@ -94,6 +94,13 @@ def quantization_metadata(scheme: str, activation_bits: int = 8, weight_bits: in
             "activation_limbs": 1, "activation_encoding": ACTIVATION_ENCODINGS[1]}
 
 
+def _int8_model_modules(model: nn.Module, setting: str):
+    """``model.modules()``; ValueError unless ``model`` is an int8 model (``setting`` names what was set)."""
+    if not is_int8_model(model):
+        raise ValueError(f"{setting} can only be set on an int8 model")
+    return model.modules()
+
+
 def set_activation_limbs(model: nn.Module, limbs: int) -> nn.Module:
     """Choose how every int8 layer of ``model`` encodes its inputs; returns ``model``.
 
@@ -108,9 +115,7 @@ def set_activation_limbs(model: nn.Module, limbs: int) -> nn.Module:
     """
     if limbs not in ACTIVATION_LIMBS:
         raise ValueError(f"activation limbs must be one of {ACTIVATION_LIMBS}, not {limbs!r}")
-    if not is_int8_model(model):
-        raise ValueError("activation limbs apply to int8 models only")
-    for module in model.modules():
+    for module in _int8_model_modules(model, "activation limbs"):
         if isinstance(module, _Int8LinearBase):
             module.set_activation_limbs(limbs)
         elif isinstance(module, (LSQQuantizer, MDDQQuantizer)):
@@ -134,9 +139,7 @@ def set_backward_kernel(model: nn.Module, backward: str) -> nn.Module:
     """
     if backward not in BACKWARD_KERNELS:
         raise ValueError(f"backward must be one of {BACKWARD_KERNELS}, not {backward!r}")
-    if not is_int8_model(model):
-        raise ValueError("the backward kernel applies to int8 models only")
-    for module in model.modules():
+    for module in _int8_model_modules(model, "the backward kernel"):
         if isinstance(module, _Int8LinearBase):
             module.backward_kernel = backward
     return model

@@ -50,7 +50,21 @@ OBSERVER_FEEDS = (("scalar_in", "qkv"), ("vector_in", "vector_mix"), ("scalar_ou
                   ("ffn_in", "ffn_hidden"), ("readout_in", "readout_hidden"), ("combine_in", "combine"))
 
 
-class QATScalarLinear(ScalarLinear):
+class _FakeQuantizedWeight:
+    """The weight of a QAT linear layer: ``q_W(W) / sqrt(in)`` while ``enabled``, else the float one."""
+
+    weight: torch.Tensor
+    weight_bits: int
+    per_channel: bool
+    enabled: bool
+    in_features: int
+
+    def effective_weight(self) -> torch.Tensor:
+        w = fake_quantize_weight(self.weight, self.weight_bits, self.per_channel) if self.enabled else self.weight
+        return w / math.sqrt(self.in_features)
+
+
+class QATScalarLinear(_FakeQuantizedWeight, ScalarLinear):
     """:class:`~qeq_ase.model.layers.ScalarLinear` with fake-quantized weights and input.
 
     ``y = q_x(x) @ (q_W(W) / sqrt(in)).T + b``; with ``enabled=False`` (and the input
@@ -68,10 +82,6 @@ class QATScalarLinear(ScalarLinear):
         self.input_quantizer = input_quantizer or LSQQuantizer(activation_bits, signed=True, branch="scalar")
         self.input_observer: str | None = None  # set by link_observers
 
-    def effective_weight(self) -> torch.Tensor:
-        w = fake_quantize_weight(self.weight, self.weight_bits, self.per_channel) if self.enabled else self.weight
-        return w / math.sqrt(self.in_features)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
@@ -83,7 +93,7 @@ class QATScalarLinear(ScalarLinear):
         return f"{super().extra_repr()}, W{self.weight_bits} {granularity}, enabled={self.enabled}{source}"
 
 
-class QATVectorLinear(VectorLinear):
+class QATVectorLinear(_FakeQuantizedWeight, VectorLinear):
     """:class:`~qeq_ase.model.layers.VectorLinear` with fake-quantized weights and input.
 
     ``requantize_per_atom`` (MDDQ scheme) puts the (MDDQ-quantized) input on the per-atom
@@ -105,10 +115,6 @@ class QATVectorLinear(VectorLinear):
         default = MDDQQuantizer if requantize_per_atom else NaiveQuantizer
         self.input_quantizer = input_quantizer or default(activation_bits, branch="vector")
         self.input_observer: str | None = None
-
-    def effective_weight(self) -> torch.Tensor:
-        w = fake_quantize_weight(self.weight, self.weight_bits, self.per_channel) if self.enabled else self.weight
-        return w / math.sqrt(self.in_features)
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:

@@ -256,6 +256,12 @@ class NaiveQuantizer(LSQQuantizer):
         super().__init__(bits, signed=True, branch=branch, **kwargs)
 
 
+def _magnitude_switch(name: str) -> property:
+    """A boolean attribute that reads and writes ``self.magnitude.<name>``."""
+    return property(lambda self: getattr(self.magnitude, name),
+                    lambda self, value: setattr(self.magnitude, name, bool(value)))
+
+
 class MDDQQuantizer(nn.Module):
     """Magnitude-direction decoupled quantization of vector features ``h [N, 3, F]``.
 
@@ -291,21 +297,8 @@ class MDDQQuantizer(nn.Module):
         self.limbs = 1
 
     # enabled / calibrating are those of the magnitude quantizer: one switch per module
-    @property
-    def enabled(self) -> bool:
-        return self.magnitude.enabled
-
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        self.magnitude.enabled = bool(value)
-
-    @property
-    def calibrating(self) -> bool:
-        return self.magnitude.calibrating
-
-    @calibrating.setter
-    def calibrating(self, value: bool) -> None:
-        self.magnitude.calibrating = bool(value)
+    enabled = _magnitude_switch("enabled")
+    calibrating = _magnitude_switch("calibrating")
 
     @property
     def initialized(self) -> bool:

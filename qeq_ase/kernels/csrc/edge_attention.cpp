@@ -52,7 +52,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "limb_quantizers.h"
+
 namespace {
+
+using qeq::quantize_limbs;
+using qeq::round_half_even;
 
 constexpr double kNormEps = 1e-12;  // torch.nn.functional.normalize's eps
 
@@ -122,13 +127,7 @@ inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
 }
 
 // The per-row two-limb quantizer of qeq_ase/kernels/csrc/int8_kernels.cpp (quantize_per_row_limbs
-// with qmax 127), repeated here because the two extensions are built separately;
-// tests/test_edge_kernel.py checks that the codes agree bit for bit.
-inline float round_half_even(float y) {
-  const float magic = 12582912.0f;  // 1.5 * 2^23; exact for |y| <= 2^22
-  return (y + magic) - magic;
-}
-
+// with qmax 127); tests/test_edge_kernel.py checks that the codes agree bit for bit.
 // y = row * col_scale; scale = max(max |y|, tiny) / 127; hi = round(clamp(y / scale)),
 // lo = round((clamp(y / scale) - hi) * 254). row is overwritten with y.
 inline float quantize_row_limbs(float* __restrict row, const float* __restrict col_scale, int64_t n, float tiny,
@@ -232,28 +231,6 @@ inline void rescale_limbs(const int32_t* __restrict hi, const int32_t* __restric
 }
 
 #pragma GCC pop_options
-
-// The two limbs of y = clamp(x[k] / step, -q, q), as quantize_static_limbs in
-// qeq_ase/kernels/csrc/int8_kernels.cpp writes them: hi = round(y), lo = round((y - hi) * 2q).
-// Repeated (like quantize_row_limbs above) because the two extensions are built separately and
-// torch's build check does not follow shared headers; the in-kernel filter test checks that
-// the results agree bit for bit.
-// Returns nonzero if some x[k] / step lay outside [-q, q].
-inline int32_t quantize_limbs(const float* __restrict x, int64_t n, float step, float q, int8_t* __restrict hi,
-                              int8_t* __restrict lo) {
-  int32_t clipped = 0;
-  const float L = 2.0f * q;
-#pragma omp simd reduction(| : clipped)
-  for (int64_t k = 0; k < n; ++k) {
-    const float y = x[k] / step;
-    clipped |= static_cast<int32_t>(y < -q) | static_cast<int32_t>(y > q);
-    const float yc = std::min(std::max(y, -q), q);
-    const float h = round_half_even(yc);
-    hi[k] = static_cast<int8_t>(static_cast<int32_t>(h));
-    lo[k] = static_cast<int8_t>(static_cast<int32_t>(round_half_even((yc - h) * L)));
-  }
-  return clipped;
-}
 
 // out [n, 4F] = the filter rows of edges e0 .. e0 + n - 1.
 inline void filter_rows(const InKernelFilter& f, int64_t e0, int64_t n, int64_t F4, FilterScratch& w, float* out) {

@@ -35,15 +35,12 @@
 #include <immintrin.h>
 #endif
 
+#include "limb_quantizers.h"
+
 namespace {
 
-// Round half to even for |y| <= 2^22 (callers clamp first): the classic 1.5 * 2^23 trick.
-// Vectorises everywhere, unlike std::nearbyint; exact because -ffp-contract=off and no
-// -ffast-math keep the add and the subtract as written.
-inline float round_half_even(float y) {
-  const float magic = 12582912.0f;  // 1.5 * 2^23
-  return (y + magic) - magic;
-}
+using qeq::quantize_limbs;
+using qeq::round_half_even;
 
 // max |x[i]| over n floats. Compares the bit patterns with the sign bit cleared, which
 // orders non-negative floats like their values and, unlike a float max, vectorises
@@ -98,23 +95,6 @@ inline int32_t quantize_span(const float* __restrict x, int64_t n, float s, floa
   return clipped;
 }
 
-// Two limbs of y = clamp(x[k] / s, -q, q): hi = round(y), lo = round((y - hi) * 2q); returns nonzero if some x[k] / s was clipped.
-inline int32_t quantize_span_limbs(const float* __restrict x, int64_t n, float s, float q, int8_t* __restrict hi,
-                                   int8_t* __restrict lo) {
-  int32_t clipped = 0;
-  const float L = 2.0f * q;
-#pragma omp simd reduction(| : clipped)
-  for (int64_t k = 0; k < n; ++k) {
-    const float y = x[k] / s;
-    clipped |= static_cast<int32_t>(y < -q) | static_cast<int32_t>(y > q);
-    const float yc = std::min(std::max(y, -q), q);
-    const float h = round_half_even(yc);
-    hi[k] = static_cast<int8_t>(static_cast<int32_t>(h));
-    lo[k] = static_cast<int8_t>(static_cast<int32_t>(round_half_even((yc - h) * L)));
-  }
-  return clipped;
-}
-
 }  // namespace
 
 // codes = clamp(round(x / step), -qmax, qmax) as int8 (static per-tensor activation step).
@@ -162,7 +142,7 @@ at::Tensor quantize_static_limbs(const at::Tensor& x, double step, int64_t qmax,
     int32_t out = 0;
     for (int64_t m = begin; m < end; ++m) {
       int8_t* qh = hi_row(qp, m, K, planar);
-      out |= quantize_span_limbs(xp + m * K, K, s, hi, qh, qh + lo_offset(M, K, planar));
+      out |= quantize_limbs(xp + m * K, K, s, hi, qh, qh + lo_offset(M, K, planar));
     }
     if (out) any_clipped.store(true, std::memory_order_relaxed);
   });
@@ -214,7 +194,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_atom_limbs(const at::Tensor& v, 
       } else {
         for (int64_t c = 0; c < 3; ++c) {
           int8_t* qh = hi_row(qp, n * 3 + c, F, planar);
-          quantize_span_limbs(x0 + c * F, F, s, hi, qh, qh + lo_offset(3 * N, F, planar));
+          quantize_limbs(x0 + c * F, F, s, hi, qh, qh + lo_offset(3 * N, F, planar));
         }
       }
     }
@@ -272,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_row_limbs(const at::Tensor& x,
         quantize_span(rw, K, s, hi, qp + m * K);
       } else {
         int8_t* qh = hi_row(qp, m, K, planar);
-        quantize_span_limbs(rw, K, s, hi, qh, qh + lo_offset(M, K, planar));
+        quantize_limbs(rw, K, s, hi, qh, qh + lo_offset(M, K, planar));
       }
     }
   });
@@ -646,7 +626,7 @@ at::Tensor brgemm_backward_int8(const at::Tensor& grad, const at::Tensor& w_scal
         if (L == 1) {
           quantize_span(row.data(), N, s, q, c);
         } else {
-          quantize_span_limbs(row.data(), N, s, q, c, c + N);
+          quantize_limbs(row.data(), N, s, q, c, c + N);
         }
       }
       const auto* A = reinterpret_cast<const signed char*>(codes.data());
