@@ -119,6 +119,17 @@ class QEqCalculator(Calculator):
     element the potential was not trained on, for non-finite positions and for overlapping
     atoms (:class:`~qeq_ase.data.local_frame.OverlappingAtomsError`);
     :class:`~qeq_ase.io.checkpoint.PotentialFileError` for missing, corrupt or incompatible files.
+
+    >>> from qeq_ase import QEqCalculator
+    >>> from qeq_ase.md.driver import load_start_structure
+    >>> atoms = load_start_structure("ethanol")          # shipped with the package
+    >>> atoms.calc = QEqCalculator("ethanol_int8")
+    >>> atoms.get_forces().shape                          # eV/Å
+    (9, 3)
+    >>> QEqCalculator("ethanol_int9")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown potential 'ethanol_int9'; shipped potentials: ...
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "energies", "stress"]

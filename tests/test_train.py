@@ -191,3 +191,13 @@ def test_compiled_training_matches_eager_training(tmp_path, rmd17_dir):
         weights.append(trainer.model.state_dict())
     for name, eager in weights[0].items():
         torch.testing.assert_close(weights[1][name], eager, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_trainer_leaves_the_global_torch_rng_alone(tmp_path, rmd17_dir):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = Trainer(tiny_config(tmp_path / "a", rmd17_dir)).model.state_dict()
+    assert torch.equal(torch.rand(3), expected)
+    second = Trainer(tiny_config(tmp_path / "b", rmd17_dir)).model.state_dict()  # the seed sets the weights
+    assert all(torch.equal(first[name], second[name]) for name in first)

@@ -32,7 +32,7 @@ from .node_update import load_node_update_kernel
 EXTENSION_NAME = "qeq_edge_attention"
 # OpenMP: the kernel's at::parallel_for loops run on torch's threads (-fopenmp also enables the
 # omp simd reductions). One layer's backward, 1,344 atoms, 2 threads: 17 ms against 33 ms
-# single-threaded (benchmarks/edge_filter_gradient.py, docs/speed.md).
+# single-threaded (experiments/edge_filter_gradient.py, docs/speed.md).
 _CFLAGS = ["-O3", *OPENMP_FLAGS]
 BACKENDS = ("auto", "cpp", "eager")
 _EXTENSION = LazyExtension(EXTENSION_NAME, CSRC / "edge_attention.cpp", _CFLAGS,
@@ -94,7 +94,7 @@ class EdgeCSR:
 #: Below it the whole graph is one block: with the multi-threaded kernel one block is the
 #: fastest even with glibc's default malloc, which page-faults large tensors in anew on every
 #: call (1,344 atoms, 2 threads, fp32 / int8: 216 / 181 ms against 272 / 243 ms for the 8 MB
-#: blocks used before; ``benchmarks/edge_blocks.py``, ``docs/speed.md``).
+#: blocks used before; ``experiments/edge_blocks.py``, ``docs/speed.md``).
 BLOCK_BYTES = 1 << 30
 #: ...but a block never has fewer edges than this many per node of the graph: every block
 #: writes node-sized outputs and gradients (``[N, 4F]``, ``[N, 5F]``, ``[N, 3, F]``), so

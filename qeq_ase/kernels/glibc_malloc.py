@@ -2,7 +2,7 @@
 
 glibc serves every allocation above ``M_MMAP_THRESHOLD`` (at most 32 MB by default) with a
 fresh ``mmap`` and returns it to the system on free, so each call of the model faults in
-the pages of its large per-edge tensors again. ``benchmarks/system_time.py`` (64 aspirin
+the pages of its large per-edge tensors again. ``experiments/system_time.py`` (64 aspirin
 copies, 1 thread): 135-153 ms of system time per call with the whole graph as one block,
 38-78 ms with the edge blocks, 2-3 ms with this setting; large systems (~10,000 atoms)
 allocate per-edge tensors far above 32 MB even in blocks (``docs/speed.md``). Serving those from the heap

@@ -60,7 +60,13 @@ STRUCTURES_DIR = Path(__file__).resolve().parents[1] / "structures"
 
 
 def shipped_structures() -> list[str]:
-    """Names of the shipped start structures: the ten rMD17 molecules, e.g. ``"aspirin"``."""
+    """Names of the shipped start structures: the ten rMD17 molecules.
+
+    >>> shipped_structures()[:3]
+    ['aspirin', 'azobenzene', 'benzene']
+    >>> load_start_structure("aspirin").get_chemical_formula()
+    'C9H8O4'
+    """
     return sorted(path.stem for path in STRUCTURES_DIR.glob("*.xyz"))
 
 

@@ -3,4 +3,5 @@
 
 from .trainer import main
 
-main()
+if __name__ == "__main__":
+    main()

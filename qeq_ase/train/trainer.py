@@ -211,8 +211,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         replaced = _existing_run_files(self.out, resume, overwrite)
         self.device = torch.device(cfg.device)
-        torch.manual_seed(cfg.seed)
-        self.rng = np.random.default_rng(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)  # batches; torch's global RNG is left alone
 
         frames = load_frames(cfg.train_file, energy_key=cfg.energy_key, forces_key=cfg.forces_key)
         train_idx, val_idx = train_val_split(len(frames), cfg.n_val, cfg.split_seed)
@@ -233,7 +232,9 @@ class Trainer:
                 self.model = self._to_qat(self.model)
         else:
             model_cfg = ModelConfig.from_dict({"species": sorted(set(frames.numbers.tolist())), **cfg.model})
-            self.model = QEqModel(model_cfg)
+            with torch.random.fork_rng(devices=[]):  # seeded initial weights, the caller's RNG untouched
+                torch.manual_seed(cfg.seed)
+                self.model = QEqModel(model_cfg)
             self._set_energy_statistics(self.train)
         self.model.to(self.device)
         self.ema = EMA(self.model, cfg.ema_decay)
@@ -303,7 +304,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
                 "elapsed_s": self.elapsed_s, "best": self.best, "config": asdict(self.cfg),
                 "model_config": self.model.config.to_dict(),
-                "numpy_rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+                "numpy_rng": self.rng.bit_generator.state}
 
     def _save_checkpoint(self) -> None:
         tmp = self.out / "last.pt.tmp"
@@ -322,7 +323,6 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.elapsed_s, self.best = state["epoch"], state["step"], state["elapsed_s"], state["best"]
         self.rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
         print(f"resumed from {path}: epoch {self.epoch}, {self.elapsed_s / 60:.1f} min trained", file=sys.stderr)
 
     # --- training ----------------------------------------------------------------------

@@ -409,7 +409,7 @@ at::Tensor rescale(const at::Tensor& acc, const at::Tensor& row_scale, int64_t r
 // call's fixed cost, ~20 us, exceeds the gain and torch._int_mm runs) whose two matrix
 // widths are at least kOnednnMinWidth: narrower products (the readout's 64 -> 1 and its
 // backward, K = 1) fall to oneDNN's reference kernel: 10.8 ms for 1,344 x 1 x 64 against
-// 1 us with _int_mm (benchmarks/gemm_kinds.py).
+// 1 us with _int_mm (experiments/gemm_kinds.py).
 constexpr int64_t kOnednnMinRows = 128;
 constexpr int64_t kOnednnMinWidth = 32;
 

@@ -8,7 +8,7 @@ measures for each: force and energy MAE on the first test frames, LEE (as ``qeq-
 5 test frames x 4 random rotations) and the NVE drift of ``qeq-report`` (200 fs Langevin at
 300 K, then velocity Verlet, 0.5 fs).
 
-    PYTHONPATH=. python benchmarks/int8_backward_md.py [aspirin_int8] [--molecule aspirin]
+    PYTHONPATH=. python experiments/int8_backward_md.py [aspirin_int8] [--molecule aspirin]
         [--frames 200] [--nve-ps 1.0] [--threads 1]
 """
 

@@ -1,6 +1,6 @@
 """One matrix product of the model's shapes in fp32, bf16 (AMX), int8 ``_int_mm`` and oneDNN's int8 linear.
 
-    PYTHONPATH=. python benchmarks/gemm_kinds.py [--threads 1]
+    PYTHONPATH=. python experiments/gemm_kinds.py [--threads 1]
 
 Also times the two-limb per-row quantization of a gradient (the pass before an int8
 backward GEMM). Minimum over repeats of the mean CPU time per call (``time.process_time``),

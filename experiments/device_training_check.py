@@ -8,7 +8,7 @@ Two checks on the aspirin configs, printed as figures:
    float64 shadow EMA, and the validation errors of the same EMA weights on the device and
    on a CPU copy. On correct code the two validations agree.
 
-    python benchmarks/device_training_check.py ../shared/rmd17/rmd17_aspirin_train_01.npz \
+    python experiments/device_training_check.py ../shared/rmd17/rmd17_aspirin_train_01.npz \
         configs/experiments/gpu/aspirin_fp32_gpu_b32.yaml --epochs 5
 """
 

@@ -1,7 +1,7 @@
 """How much error int8 itself adds: post-training quantization (no fine-tuning) of a float
 potential, beside the float potential and a quantization-aware one, on the same test frames.
 
-    python benchmarks/int8_ptq.py --fp32 aspirin_fp32 --int8 aspirin_int8 --frames 1000
+    python experiments/int8_ptq.py --fp32 aspirin_fp32 --int8 aspirin_int8 --frames 1000
 
 The float model gets the full scheme's quantizers, activation steps calibrated on 8 float
 batches of 8 training frames (as ``qeq-train`` does before QAT; the largest input of all

@@ -1,6 +1,6 @@
 """Is the INT8 energy a smooth function of the positions? fp32 vs W8A8 vs two-limb INT8.
 
-    PYTHONPATH=. python benchmarks/int8_smoothness.py [--fp32 aspirin_fp32] [--int8 aspirin_int8] [--per-layer]
+    PYTHONPATH=. python experiments/int8_smoothness.py [--fp32 aspirin_fp32] [--int8 aspirin_int8] [--per-layer]
 
 Along a straight path of 0.04 Å (81 points, a random unit direction in the 63-dimensional
 configuration space of rMD17 aspirin frame 0) it compares the energy change with the work

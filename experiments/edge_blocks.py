@@ -6,7 +6,7 @@ This times the shipped fp32 and INT8 calculators on copies of rMD17 aspirin (as 
 ``inference_speed.py``) for each block size, interleaved call by call, and prints the median
 ms per call and the number of blocks per layer.
 
-    PYTHONPATH=. python benchmarks/edge_blocks.py [--block-mb 8 1024] [--systems 64]
+    PYTHONPATH=. python experiments/edge_blocks.py [--block-mb 8 1024] [--systems 64]
         [--threads 2] [--rounds 8] [--default-malloc]
 
 ``--default-malloc`` leaves glibc's malloc as a plain Python script has it (tensors over

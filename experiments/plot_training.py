@@ -1,6 +1,6 @@
 """Plot the validation curves of training runs from their ``log.csv`` files.
 
-    python benchmarks/plot_training.py runs/aspirin_fp32/log.csv runs/aspirin_int8/log.csv \
+    python experiments/plot_training.py runs/aspirin_fp32/log.csv runs/aspirin_int8/log.csv \
         -o docs/figures/aspirin_training.png
 
 One panel for the force MAE and one for the energy MAE (validation, EMA weights, log scale)

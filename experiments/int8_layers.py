@@ -1,6 +1,6 @@
 """Time fp32 ``F.linear`` against the real INT8 layers of ``qeq_ase.quant.int8_linear``.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/int8_layers.py [--threads 1] [--limbs 2] [--quick]
+    OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/int8_layers.py [--threads 1] [--limbs 2] [--quick]
 
 Forward alone and forward + backward (input gradient only, as for forces), for
 ``M x K -> N`` with M in {21, 1344, 9344} (one aspirin; the atoms of 64 aspirin copies;

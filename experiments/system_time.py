@@ -1,6 +1,6 @@
 """User and system CPU time per energy + forces call at 1,344 atoms: edge blocks and glibc malloc.
 
-    PYTHONPATH=. python benchmarks/system_time.py [--calls 4]
+    PYTHONPATH=. python experiments/system_time.py [--calls 4]
 
 System time is mostly page faults: glibc mmaps allocations above 32 MB and faults them in
 again on every call. Three settings, each in a fresh process (malloc settings cannot be

@@ -1,6 +1,6 @@
 """The INT8 ablation of docs/quantization.md on one rMD17 molecule, from training to table.
 
-    python benchmarks/int8_ablation.py ethanol --threads 1     # resumable: rerun after a stop
+    python experiments/int8_ablation.py ethanol --threads 1     # resumable: rerun after a stop
 
 Rows, each ingredient added to the one before (arXiv:2601.02213's three ideas):
 

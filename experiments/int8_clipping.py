@@ -1,6 +1,6 @@
 """Which activations an INT8 potential clips on test frames, and by how much.
 
-    python benchmarks/int8_clipping.py benzene_int8 --molecule benzene --frames 1000
+    python experiments/int8_clipping.py benzene_int8 --molecule benzene --frames 1000
 
 Every static activation step ``s`` of an int8 model covers ``|x| <= 127 s``; an input beyond
 it is clipped, and its straight-through gradient is zero, so it drops out of the forces.

@@ -8,7 +8,7 @@ gradient as floats (the fp32 model, and INT8 with ``backward="float"``) or as tw
 int8 codes with one scale per edge (INT8 with ``backward="auto"``), and, for comparison, the
 separate per-row quantization pass that the codes replace (``quantize_per_row_limbs``).
 
-    PYTHONPATH=. python benchmarks/edge_filter_gradient.py [--graph aspirin|random] [--threads 2] [--repeats 10]
+    PYTHONPATH=. python experiments/edge_filter_gradient.py [--graph aspirin|random] [--threads 2] [--repeats 10]
 
 Median ms per call; run it on an idle machine.
 """

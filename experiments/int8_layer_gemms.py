@@ -1,6 +1,6 @@
 """Each int8 layer of one attention layer, forward, with each int8 GEMM, against its fp32 twin.
 
-    PYTHONPATH=. python benchmarks/int8_layer_gemms.py [--threads 1 2] [--copies 64]
+    PYTHONPATH=. python experiments/int8_layer_gemms.py [--threads 1 2] [--copies 64]
 
 Layer 1 of the shipped ``aspirin_int8`` and ``aspirin_fp32`` on the shapes of a call on
 ``--copies`` aspirin molecules (64: 1,344 atoms, 18,688 edges): ``qkv``, ``out`` and the
