@@ -227,3 +227,29 @@ def test_linear_layers_follow_every_weight_update():
         assert layer.effective_weight().dtype == torch.float64
         layer.requires_grad_(True)
         assert layer.effective_weight().requires_grad
+
+
+def test_potential_files_name_their_architecture(tmp_path, monkeypatch):
+    from qeq_ase.io import checkpoint
+
+    model = tiny_model(dtype=torch.float32)
+    path = save_potential(tmp_path / "tiny.pt", model, {})
+    payload = torch.load(path, weights_only=True)
+    assert payload["architecture"] == "qeq-transformer"
+    del payload["architecture"]  # files written before the key existed: the one architecture there was
+    torch.save(payload, tmp_path / "unnamed.pt")
+    assert type(load_potential_file(tmp_path / "unnamed.pt")[0]) is QEqModel
+    payload["architecture"] = "mace"
+    torch.save(payload, tmp_path / "mace.pt")
+    with pytest.raises(PotentialFileError, match=r"'mace' model; this qeq-ase knows \['qeq-transformer'\]"):
+        load_potential_file(tmp_path / "mace.pt")
+
+    class Variant(QEqModel):  # a new architecture plugs in by registering its config and model classes
+        architecture = "qeq-transformer-variant"
+
+    monkeypatch.setattr(checkpoint, "ARCHITECTURES", dict(checkpoint.ARCHITECTURES))
+    checkpoint.register_architecture(ModelConfig, Variant)
+    variant = Variant(model.config)
+    variant.load_state_dict(model.state_dict())
+    loaded, _ = load_potential_file(save_potential(tmp_path / "variant.pt", variant, {}))
+    assert type(loaded) is Variant

@@ -3,6 +3,7 @@
 A potential file is a ``torch.save`` of a plain dict (tensors, numbers, strings, lists)::
 
     {"format": "qeq-ase-potential", "format_version": 2,
+     "architecture": "qeq-transformer",      # a key of ARCHITECTURES (files without it: this one)
      "precision": "fp32",                     # or "qat" (fake-quantized), "int8" (real int8)
      "model_config": {...},                   # ModelConfig.to_dict()
      "tensors": {"names": [...], "shapes": [...], "dtypes": [...],
@@ -54,6 +55,18 @@ PRECISIONS = ("fp32", "qat", "int8")
 
 class PotentialFileError(ValueError):
     """A potential file is missing, corrupt or incompatible with this version of qeq-ase."""
+
+
+#: Architectures a potential file can name: ``name -> (config class, model class)``. The config
+#: class has ``from_dict``/``to_dict``, the model class takes the config and has the
+#: ``energy_and_forces`` of :class:`~qeq_ase.model.network.QEqModel`. Quantization (QAT and int8
+#: files) is built for ``"qeq-transformer"`` only.
+ARCHITECTURES: dict[str, tuple[type, type]] = {QEqModel.architecture: (ModelConfig, QEqModel)}
+
+
+def register_architecture(config_class: type, model_class: type) -> None:
+    """Make float potential files of ``model_class.architecture`` loadable."""
+    ARCHITECTURES[model_class.architecture] = (config_class, model_class)
 
 
 def _int8_quantization(model: QEqModel, given: dict | None) -> dict:
@@ -126,6 +139,7 @@ def save_potential(path: str | os.PathLike, model: QEqModel, metadata: dict, pre
     payload = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
+        "architecture": type(model).architecture,
         "precision": precision,
         "model_config": model.config.to_dict(),
         "tensors": pack_state_dict(state_dict if state_dict is not None else model.state_dict()),
@@ -188,8 +202,14 @@ def load_potential_file(path: str | os.PathLike, device: str | torch.device = "c
     quant = metadata.get("quantization")
     if precision != "fp32" and not (isinstance(quant, dict) and "scheme" in quant):
         raise PotentialFileError(f"{path} is a {precision} potential without metadata['quantization']['scheme']")
+    architecture = payload.get("architecture", QEqModel.architecture)
+    if architecture not in ARCHITECTURES:
+        raise PotentialFileError(f"{path} holds a {architecture!r} model; this qeq-ase knows {sorted(ARCHITECTURES)}")
+    config_class, model_class = ARCHITECTURES[architecture]
+    if precision != "fp32" and model_class is not QEqModel:
+        raise PotentialFileError(f"{path}: {precision} potentials exist for {QEqModel.architecture!r} only")
     try:
-        config = ModelConfig.from_dict(payload["model_config"])
+        config = config_class.from_dict(payload["model_config"])
         if precision == "int8":
             from ..quant.int8_model import build_int8_model, set_activation_limbs
 
@@ -197,7 +217,7 @@ def load_potential_file(path: str | os.PathLike, device: str | torch.device = "c
             set_activation_limbs(model, quant.get("activation_limbs", 1))
         else:
             with torch.random.fork_rng(devices=[]):  # the random initial weights must not touch the global RNG
-                model = _build_float_or_qat(config, precision, quant)
+                model = model_class(config) if precision == "fp32" else _build_qat(config, quant)
             model.load_state_dict(payload["state_dict"])
     except (RuntimeError, ValueError, TypeError, KeyError) as err:
         raise PotentialFileError(f"{path} does not match this qeq-ase {precision} model ({err})") from err
@@ -206,9 +226,7 @@ def load_potential_file(path: str | os.PathLike, device: str | torch.device = "c
     return model, metadata
 
 
-def _build_float_or_qat(config: ModelConfig, precision: str, quant: dict | None) -> QEqModel:
-    if precision == "fp32":
-        return QEqModel(config)
+def _build_qat(config: ModelConfig, quant: dict) -> QEqModel:
     from ..quant.qat import build_qat_model, set_activation_limbs, set_quantization
 
     model = build_qat_model(config, quant["scheme"], quant.get("weight_bits", 8), quant.get("activation_bits", 8))

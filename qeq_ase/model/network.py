@@ -105,6 +105,9 @@ class QEqModel(nn.Module):
     them only to ~1 meV, so the large constant part never enters float32 arithmetic.
     """
 
+    #: Its name in potential files (:data:`qeq_ase.io.checkpoint.ARCHITECTURES`).
+    architecture = "qeq-transformer"
+
     def __init__(self, config: ModelConfig, factory: LayerFactory | None = None):
         super().__init__()
         self.config = config

@@ -1,7 +1,7 @@
 """Write the start structures shipped in ``qeq_ase/structures/``: each rMD17 molecule relaxed
 with its own float32 potential, so that MD and the quick start run without the rMD17 files.
 
-    python -m qeq_ase.tools.relax_structures [--data-dir ../shared/rmd17]
+    python -m qeq_ase.tools.relax_structures [MOLECULE ...] [--data-dir ../shared/rmd17]
 
 Frame 0 of ``rmd17_<molecule>_train_01.npz`` is relaxed with ASE's BFGS to a largest force
 component of 5 meV/Å; only the relaxed positions are written (extended XYZ, Å), never an
@@ -26,10 +26,15 @@ OUT = Path(__file__).resolve().parents[1] / "structures"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("molecules", nargs="*", metavar="MOLECULE",
+                        help=f"molecules to relax (default: all of {', '.join(RMD17_MOLECULES)})")
     parser.add_argument("--data-dir", default=None, help="rMD17 folder (default $QEQ_RMD17_DIR or ../shared/rmd17)")
     args = parser.parse_args()
+    unknown = sorted(set(args.molecules) - set(RMD17_MOLECULES))
+    if unknown:
+        parser.error(f"unknown molecule(s) {', '.join(unknown)}; choose from {', '.join(RMD17_MOLECULES)}")
     OUT.mkdir(exist_ok=True)
-    for molecule in RMD17_MOLECULES:
+    for molecule in args.molecules or RMD17_MOLECULES:
         frames = load_rmd17(rmd17_path(molecule, "train", Path(args.data_dir or default_rmd17_dir())))
         atoms = Atoms(numbers=frames.numbers, positions=frames.positions[0])
         atoms.positions -= atoms.positions.mean(axis=0)
