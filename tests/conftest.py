@@ -9,23 +9,14 @@ import torch
 from ase import Atoms
 
 from qeq_ase.io.checkpoint import save_potential
-from qeq_ase.model.network import ModelConfig, QEqModel
+from qeq_ase.model.network import QEqModel
+from qeq_ase.testing import tiny_model
 
 RMD17_DIR = Path(__file__).resolve().parents[2] / "shared" / "rmd17"
 
-#: Reference energies of the tiny model (eV per H, C, O): nonzero, so that they are tested.
-TINY_REFERENCE_ENERGY_EV = [-13.6, -1029.0, -2041.0]
-
-
 def build_tiny_model(seed: int = 0) -> QEqModel:
-    """A small random float32 model for H, C, O (no global RNG state is consumed)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        config = ModelConfig(species=[1, 6, 8], num_features=16, num_layers=2, num_heads=2, num_radial=8,
-                             neighbor_embedding=True)  # the architecture of the shipped potentials
-        model = QEqModel(config)
-    model.reference_energy = torch.tensor(TINY_REFERENCE_ENERGY_EV, dtype=torch.float64)
-    return model.eval()
+    """A small random float32 model for H, C, O, with the architecture of the shipped potentials."""
+    return tiny_model(torch.float32, seed, neighbor_embedding=True)
 
 
 @pytest.fixture(scope="session")

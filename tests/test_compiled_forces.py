@@ -7,16 +7,12 @@ import torch
 from qeq_ase.train.compiled_forces import CompiledEnergyForces
 from qeq_ase.data.graph import molecules_to_graph
 
-from qeq_ase.model.network import ModelConfig, QEqModel
+from qeq_ase.testing import tiny_model
 
 
 def _four_layer_model(dtype):
     # Four layers: TorchInductor's own index_add gave forces ~5% off in float64 for this depth
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        config = ModelConfig(species=[1, 6, 8], num_features=16, num_layers=4, num_heads=2, num_radial=8,
-                             neighbor_embedding=True)
-        return QEqModel(config).to(dtype).train()
+    return tiny_model(dtype, reference_energy=False, num_layers=4, neighbor_embedding=True).train()
 
 
 def _batch(dtype, seed=0):

@@ -9,19 +9,10 @@ from e3nn import o3
 
 from qeq_ase.io.checkpoint import PotentialFileError, load_potential_file, save_potential, unpack_state_dict
 from qeq_ase.data.dataset import load_rmd17
-from qeq_ase.data.graph import molecules_to_graph
 from qeq_ase.model.network import ModelConfig, QEqModel
+from qeq_ase.testing import predict, tiny_model
 
 RMD17_DIR = Path(__file__).resolve().parents[2] / "shared" / "rmd17"
-
-
-def tiny_model(dtype=torch.float64, **overrides) -> QEqModel:
-    torch.manual_seed(0)
-    config = ModelConfig(**{"species": [1, 6, 8], "num_features": 16, "num_layers": 2, "num_heads": 2,
-                            "num_radial": 8, **overrides})
-    model = QEqModel(config).to(dtype)
-    model.reference_energy = torch.tensor([-13.6, -1029.0, -2041.0], dtype=torch.float64)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +22,6 @@ def aspirin():
         pytest.skip(f"rMD17 data not found at {RMD17_DIR}")
     frames = load_rmd17(path)
     return frames.numbers, frames.positions[:3]
-
-
-def predict(model, numbers, positions):
-    dtype = next(model.parameters()).dtype
-    graph = molecules_to_graph([numbers], [positions], model.config.cutoff, dtype)
-    out = model.energy_and_forces(graph.positions, model.species_index(graph.numbers), graph.edge_index,
-                                  graph.batch, graph.num_graphs)
-    return out["energy"].item(), out["forces"].detach().numpy()
 
 
 VARIANTS = {

@@ -8,7 +8,8 @@ import torch
 from e3nn import o3
 
 from qeq_ase.data.graph import molecules_to_graph
-from qeq_ase.model.network import ModelConfig, QEqModel
+from qeq_ase.model.network import QEqModel
+from qeq_ase.testing import tiny_model
 from qeq_ase.quant.qat import (QATScalarLinear, QATVectorLinear, calibration, convert_to_qat,
                                quantization_state, quantizer_parameters, set_quantization, widen_activation_steps)
 from qeq_ase.quant.quantizers import (LSQQuantizer, MDDQQuantizer, NaiveQuantizer, fake_quantize_per_atom,
@@ -227,10 +228,7 @@ def test_per_atom_requantization_scale_is_rotation_invariant():
 
 
 def tiny_float_model(dtype=torch.float64) -> QEqModel:
-    torch.manual_seed(0)
-    config = ModelConfig(species=[1, 6, 8], num_features=16, num_layers=2, num_heads=2, num_radial=8,
-                         neighbor_embedding=True)
-    return QEqModel(config).to(dtype).eval()
+    return tiny_model(dtype, reference_energy=False, neighbor_embedding=True)
 
 
 def molecule_graph(dtype=torch.float64, seed=0):
