@@ -5,11 +5,11 @@ smooth energy; its backward is ``"auto"``: int8 input-gradient GEMMs in the edge
 whose gradient the fused edge kernel writes as int8 codes, fp32 GEMMs with the dequantized
 weight elsewhere), as W8A8 (``activation_limbs=1``, one int8 code per input), with every
 input-gradient GEMM in int8 ("int8-bwd", ``set_backward_kernel(model, "int8")``), with every
-one in fp32 ("int8 float-bwd", ``set_backward_kernel(model, "float")``, the shipped setting
-before 2026-11-28), and as the shipped setting with ``torch._int_mm`` as its GEMM ("int8
-_int_mm", ``set_int8_gemm(model, "int_mm")``) or oneDNN's int8 linear ("int8 qlinear",
-``"onednn"``, the default on AMX CPUs before 2026-11-28); the others use the default GEMM,
-oneDNN's brgemm micro-kernel on AMX CPUs (``qeq_ase.quant.int8_linear``).
+one in fp32 ("int8 float-bwd", ``set_backward_kernel(model, "float")``), and as the shipped
+setting with ``torch._int_mm`` as its GEMM ("int8 _int_mm", ``QEqCalculator(...,
+int8_gemm="int_mm")``) or, on AMX CPUs, oneDNN's int8 linear ("int8 qlinear", ``"onednn"``);
+the others use the default GEMM, oneDNN's brgemm micro-kernel on AMX CPUs and ``_int_mm``
+elsewhere (``qeq_ase.quant.int8_kernels``).
 
     PYTHONPATH=. python benchmarks/inference_speed.py [--fp32 aspirin_fp32] [--int8 aspirin_int8]
         [--threads 1 2] [--systems 1 64 476] [--seconds 3] [--op-table K]
@@ -27,22 +27,20 @@ fp32 and INT8 load the shipped files: the same architecture, the INT8 weights be
 quantization-aware fine-tune of the fp32 ones. bf16 is the fp32 model under
 ``torch.autocast("cpu", dtype=torch.bfloat16)``. All of them run the layers' per-edge work
 in the fused C++ kernel (``qeq_ase/kernels/edge_kernel.py``); the column "fp32 eager edges" is the
-fp32 model with ``QEQ_EDGE_BACKEND=eager`` (the per-edge work as separate torch ops, as
-before the kernel existed), and "fused speed-up" is its time over fp32's. "edge share" is
-the fused kernel's share of the fp32 profile. Run it on an idle machine; this script sets
-torch's thread count and ``QEQ_EDGE_BACKEND`` (a benchmark may; the library never does), and
-keeps glibc from mmapping large tensors anew on every call like the qeq-ase commands do
+fp32 model with ``edge_backend="eager"`` (the per-edge work as separate torch ops), and
+"fused speed-up" is its time over fp32's. "edge share" is the fused kernel's share of the
+fp32 profile. Run it on an idle machine; this script sets torch's thread count (a benchmark
+may; the library never does), and keeps glibc from mmapping large tensors anew on every call like the qeq-ase commands do
 (``qeq_ase.kernels.glibc_malloc``; ``--default-malloc`` leaves malloc as it is).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +52,7 @@ from qeq_ase.data.dataset import load_rmd17
 from qeq_ase.kernels.glibc_malloc import keep_large_allocations
 from qeq_ase.quant.int8_kernels import gemm_available
 from qeq_ase.quant.int8_linear import _Int8LinearBase
-from qeq_ase.quant.int8_model import set_backward_kernel, set_int8_gemm
+from qeq_ase.quant.int8_model import set_backward_kernel
 
 RMD17 = Path(__file__).resolve().parents[2] / "shared" / "rmd17" / "rmd17_aspirin_test_01.npz"
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::_int_mm", "aten::matmul",
@@ -77,20 +75,6 @@ def copies_of_aspirin(n_copies: int, spacing: float = 20.0) -> Atoms:
     return Atoms(numbers=np.tile(frames.numbers, n_copies), positions=positions)
 
 
-@contextmanager
-def edge_backend(name: str):
-    """Run the calculator with ``QEQ_EDGE_BACKEND=name``; restore the variable after."""
-    old = os.environ.get("QEQ_EDGE_BACKEND")
-    os.environ["QEQ_EDGE_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["QEQ_EDGE_BACKEND"]
-        else:
-            os.environ["QEQ_EDGE_BACKEND"] = old
-
-
 def backward_kernel(calc: QEqCalculator, kind: str) -> QEqCalculator:
     """The calculator with the input-gradient GEMMs of ``kind`` (``"int8"``: two-limb int8
     gradients; ``"float"``: fp32 GEMMs) in every int8 layer."""
@@ -98,30 +82,23 @@ def backward_kernel(calc: QEqCalculator, kind: str) -> QEqCalculator:
     return calc
 
 
-def int8_gemm(calc: QEqCalculator, gemm: str) -> QEqCalculator:
-    """The calculator with ``gemm`` (``"int_mm"``, ``"onednn"``, ``"brgemm"``) in every int8 layer."""
-    set_int8_gemm(calc.model, gemm)
-    return calc
-
-
-def one_call(calc: QEqCalculator, atoms: Atoms, rng: np.random.Generator, autocast: bool, edges: str = "auto"):
+def one_call(calc: QEqCalculator, atoms: Atoms, rng: np.random.Generator, autocast: bool):
     atoms.positions += rng.normal(scale=1e-4, size=atoms.positions.shape)
     context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
-    with context, edge_backend(edges):
+    with context:
         calc.calculate(atoms, ["energy", "forces"])
     return calc.results["forces"]
 
 
-def profile_shares(calc: QEqCalculator, atoms: Atoms, autocast: bool, edges: str = "auto",
-                   top_ops: int = 0) -> tuple[float, float, list[tuple[str, float]]]:
+def profile_shares(calc: QEqCalculator, atoms: Atoms, autocast: bool, top_ops: int = 0) -> tuple[float, float, list[tuple[str, float]]]:
     """Shares of self CPU time in matrix products and in the fused edge kernel, and the
     ``top_ops`` ops with the most self CPU time (ms per call)."""
     rng = np.random.default_rng(0)
     calls = 3
-    one_call(calc, atoms, rng, autocast, edges)
+    one_call(calc, atoms, rng, autocast)
     with torch.profiler.profile() as prof:
         for _ in range(calls):
-            one_call(calc, atoms, rng, autocast, edges)
+            one_call(calc, atoms, rng, autocast)
     total = gemm = edge = 0.0
     events = prof.key_averages()
     for event in events:
@@ -151,17 +128,17 @@ def main() -> None:
     args = parser.parse_args()
     tuned = False if args.default_malloc else keep_large_allocations()
 
-    # name: (calculator, bf16 autocast, QEQ_EDGE_BACKEND)
-    calcs = {"fp32": (QEqCalculator(args.fp32), False, "auto"), "bf16": (QEqCalculator(args.fp32), True, "auto"),
-             "int8": (QEqCalculator(args.int8, activation_limbs=2), False, "auto"),
-             "int8 W8A8": (QEqCalculator(args.int8, activation_limbs=1), False, "auto"),
-             "int8 int8-bwd": (backward_kernel(QEqCalculator(args.int8, activation_limbs=2), "int8"), False, "auto"),
-             "int8 float-bwd": (backward_kernel(QEqCalculator(args.int8, activation_limbs=2), "float"), False,
-                                "auto"),
-             "int8 _int_mm": (int8_gemm(QEqCalculator(args.int8, activation_limbs=2), "int_mm"), False, "auto"),
-             "fp32 eager edges": (QEqCalculator(args.fp32), False, "eager")}
+    # name: (calculator, bf16 autocast)
+    two_limb = {"activation_limbs": 2}
+    calcs = {"fp32": (QEqCalculator(args.fp32), False), "bf16": (QEqCalculator(args.fp32), True),
+             "int8": (QEqCalculator(args.int8, **two_limb), False),
+             "int8 W8A8": (QEqCalculator(args.int8, activation_limbs=1), False),
+             "int8 int8-bwd": (backward_kernel(QEqCalculator(args.int8, **two_limb), "int8"), False),
+             "int8 float-bwd": (backward_kernel(QEqCalculator(args.int8, **two_limb), "float"), False),
+             "int8 _int_mm": (QEqCalculator(args.int8, int8_gemm="int_mm", **two_limb), False),
+             "fp32 eager edges": (QEqCalculator(args.fp32, edge_backend="eager"), False)}
     if gemm_available("onednn"):  # AMX CPUs only (elsewhere a reference kernel ~1000x slower)
-        calcs["int8 qlinear"] = (int8_gemm(QEqCalculator(args.int8, activation_limbs=2), "onednn"), False, "auto")
+        calcs["int8 qlinear"] = (QEqCalculator(args.int8, int8_gemm="onednn", **two_limb), False)
     others = [name for name in calcs if name not in ("fp32", "fp32 eager edges")]
     gemm = next(m.gemm for m in calcs["int8"][0].model.modules() if isinstance(m, _Int8LinearBase))
     print(f"CPU {cpu_name()}, torch {torch.__version__}, glibc malloc "
@@ -175,14 +152,14 @@ def main() -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             rng = np.random.default_rng(1)
-            for calc, autocast, edges in calcs.values():  # warm-up: kernels built, caches filled
-                one_call(calc, atoms, rng, autocast, edges)
+            for calc, autocast in calcs.values():  # warm-up: kernels built, caches filled
+                one_call(calc, atoms, rng, autocast)
             times = {name: [] for name in calcs}
             start = time.perf_counter()
             while time.perf_counter() - start < args.seconds * len(calcs) or len(times["fp32"]) < 3:
-                for name, (calc, autocast, edges) in calcs.items():
+                for name, (calc, autocast) in calcs.items():
                     t0 = time.perf_counter()
-                    one_call(calc, atoms, rng, autocast, edges)
+                    one_call(calc, atoms, rng, autocast)
                     times[name].append(time.perf_counter() - t0)
             median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
             shares = {name: profile_shares(calcs[name][0], atoms, *calcs[name][1:], top_ops=args.op_table)

@@ -45,9 +45,9 @@ from ase.data import chemical_symbols
 
 from .data.local_frame import check_no_overlap, local_frame
 from .data.neighbors import molecule_edges, periodic_edges
-from .model.network import QEqModel
+from .model.potential import Potential
 from .model.stress import stress_volume, voigt_stress
-from .quant.int8_model import is_int8_model, set_activation_limbs
+from .quant.int8_model import is_int8_model, set_activation_limbs, set_int8_gemm
 
 #: Accepted spellings of the calculator's float dtype.
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -72,8 +72,8 @@ def model_float_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def resolve_model(model: str | os.PathLike | QEqModel, device: str | torch.device = "cpu",
-                  dtype: str | torch.dtype | None = None) -> tuple[QEqModel, dict, torch.dtype, str]:
+def resolve_model(model: str | os.PathLike | Potential, device: str | torch.device = "cpu",
+                  dtype: str | torch.dtype | None = None) -> tuple[Potential, dict, torch.dtype, str]:
     """A shipped name, a path or a built model -> ``(model, metadata, dtype, label)``.
 
     A built model is used as it is (never moved or cast: it belongs to the caller); for it
@@ -104,7 +104,7 @@ class QEqCalculator(Calculator):
 
     Args:
         model: shipped potential name (see :func:`qeq_ase.io.registry.shipped_names`), path
-            to a potential file, or a built :class:`~qeq_ase.model.network.QEqModel` (used as is).
+            to a potential file, or a built model (:class:`~qeq_ase.model.potential.Potential`, used as is).
         device: torch device of the model, e.g. ``"cpu"`` or ``"cuda"``.
         dtype: ``"float32"`` (default for files) or ``"float64"`` (not for INT8 files); for
             a built model, None (its own dtype).
@@ -112,6 +112,14 @@ class QEqCalculator(Calculator):
             energy smooth in the positions, for MD and optimisation) or ``1`` (W8A8, a step
             function of the positions); None keeps what the file says
             (:func:`qeq_ase.quant.int8_model.set_activation_limbs`).
+        edge_backend: what runs the per-edge attention work: ``"auto"`` (the fused C++ kernel
+            where it builds, else eager torch ops with a warning), ``"cpp"`` or ``"eager"``;
+            None keeps the model's (``$QEQ_EDGE_BACKEND`` or ``"auto"`` for a loaded file).
+        int8_gemm: INT8 potentials only: ``"auto"``, ``"int_mm"``, ``"onednn"`` or ``"brgemm"``
+            (:func:`qeq_ase.quant.int8_model.set_int8_gemm`; a GEMM this CPU cannot run fast is
+            refused); None keeps the model's (``$QEQ_INT8_GEMM`` or ``"auto"`` for a loaded file).
+
+        Settings given for a built model change that model.
         **kwargs: passed to :class:`ase.calculators.calculator.Calculator` (``label``,
             ``atoms``, ``directory``).
 
@@ -134,14 +142,19 @@ class QEqCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces", "energies", "stress"]
 
-    def __init__(self, model: str | os.PathLike | QEqModel = "aspirin_fp32", device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype | None = None, activation_limbs: int | None = None, **kwargs):
+    def __init__(self, model: str | os.PathLike | Potential = "aspirin_fp32", device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype | None = None, activation_limbs: int | None = None,
+                 edge_backend: str | None = None, int8_gemm: str | None = None, **kwargs):
         self.device = torch.device(device)
         self.model, self.metadata, self.dtype, self.model_label = resolve_model(model, self.device, dtype)
-        if activation_limbs is not None:
-            if not is_int8_model(self.model):
-                raise ValueError(f"activation_limbs applies to INT8 potentials; {self.model_label!r} is not one")
-            set_activation_limbs(self.model, activation_limbs)
+        for name, value, setting in (("activation_limbs", activation_limbs, set_activation_limbs),
+                                     ("int8_gemm", int8_gemm, set_int8_gemm)):
+            if value is not None:
+                if not is_int8_model(self.model):
+                    raise ValueError(f"{name} applies to INT8 potentials; {self.model_label!r} is not one")
+                setting(self.model, value)
+        if edge_backend is not None:
+            self.model.set_edge_backend(edge_backend)
         self.cutoff_A = float(self.model.config.cutoff)
         self.species = [int(z) for z in self.model.config.species]
         self._numbers: np.ndarray | None = None  # atomic numbers of the cached species tensor

@@ -8,12 +8,8 @@ from qeq_ase.md.batch import evaluate_batch
 from qeq_ase.calculator import QEqCalculator
 from qeq_ase.data.dataset import load_rmd17
 from qeq_ase.data.local_frame import OverlappingAtomsError
+from qeq_ase.testing import TOLERANCES, precision_of
 
-#: Largest differences from one-at-a-time calls (eV, eV/Å). The GEMMs see more rows and round
-#: differently; measured on 22 rMD17 structures: fp32 0.6 µeV and 1 µeV/Å. INT8 rounds
-#: activations to codes, so such float32 rounding moves codes on a boundary: 0.25 meV and
-#: 0.20 meV/Å, as much as moving the atoms by 1e-7 Å does (0.01-0.24 meV, 0.08-0.23 meV/Å).
-TOLERANCE = {"aspirin_fp32": (1e-5, 1e-5), "aspirin_int8": (1e-3, 1e-3)}
 
 
 def rmd17_structures(rmd17_dir, molecule: str, frames: list[int]) -> list[Atoms]:
@@ -25,12 +21,14 @@ def one_at_a_time(calc: QEqCalculator, structures: list[Atoms]) -> list[tuple[fl
     return [(calc.get_potential_energy(a), calc.get_forces(a)) for a in structures]
 
 
-def assert_same(batched, reference, energy_tol: float, forces_tol: float) -> None:
+def assert_same(batched, reference, precision: str) -> None:
+    """Batched and one-at-a-time calls agree to ``TOLERANCES[precision].energy`` and ``.forces``."""
+    tolerance = TOLERANCES[precision]
     assert len(batched) == len(reference)
     for (e, f), (e_ref, f_ref) in zip(batched, reference):
         assert isinstance(e, float) and f.dtype == np.float64 and f.shape == f_ref.shape
-        assert abs(e - e_ref) <= energy_tol
-        np.testing.assert_allclose(f, f_ref, rtol=0, atol=forces_tol)
+        assert abs(e - e_ref) <= tolerance.energy
+        np.testing.assert_allclose(f, f_ref, rtol=0, atol=tolerance.forces)
 
 
 @pytest.mark.parametrize("name", ["aspirin_fp32", "aspirin_int8"])
@@ -41,7 +39,7 @@ def test_mixed_molecules_and_sizes_match_single_calls(rmd17_dir, name):
     calc = QEqCalculator(name)
     batched = calc.calculate_batch(structures)
     reference = one_at_a_time(calc, structures)
-    assert_same(batched, reference, *TOLERANCE[name])
+    assert_same(batched, reference, precision_of(calc))
     # different structures give different results (the batch is not one structure repeated)
     assert len({round(e, 3) for e, _ in batched}) == len(structures)
     # a batch of one is the calculator's computation exactly
@@ -54,13 +52,13 @@ def test_other_potential_and_chunked_calls(rmd17_dir):
     structures = rmd17_structures(rmd17_dir, "ethanol", list(range(6)))
     calc = QEqCalculator("ethanol_fp32")
     reference = one_at_a_time(calc, structures)
-    assert_same(evaluate_batch(calc, structures), reference, *TOLERANCE["aspirin_fp32"])
+    assert_same(evaluate_batch(calc, structures), reference, precision_of(calc))
     chunked = evaluate_batch("ethanol_fp32", structures, max_atoms=20)  # 3 calls of 2 structures
-    assert_same(chunked, reference, *TOLERANCE["aspirin_fp32"])
+    assert_same(chunked, reference, precision_of(calc))
 
 
-@pytest.mark.parametrize("dtype, energy_tol, forces_tol", [("float64", 1e-9, 1e-9), ("float32", 1e-5, 1e-5)])
-def test_periodic_and_gas_phase_together(tiny_potential_path, aspirin_frames, dtype, energy_tol, forces_tol):
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_periodic_and_gas_phase_together(tiny_potential_path, aspirin_frames, dtype):
     numbers, positions = aspirin_frames.numbers, aspirin_frames.positions
     crowded = Atoms(numbers=numbers, positions=positions[1], cell=[7.0, 7.5, 8.0], pbc=True)  # sees its images
     slab = Atoms(numbers=numbers, positions=positions[2], cell=[6.5, 30.0, 30.0], pbc=[True, False, False])
@@ -68,7 +66,7 @@ def test_periodic_and_gas_phase_together(tiny_potential_path, aspirin_frames, dt
                   Atoms(numbers=numbers[:9], positions=positions[3][:9])]
     calc = QEqCalculator(tiny_potential_path, dtype=dtype)
     reference = one_at_a_time(calc, structures)
-    assert_same(evaluate_batch(calc, structures), reference, energy_tol, forces_tol)
+    assert_same(evaluate_batch(calc, structures), reference, precision_of(calc))
     # the images matter: the same crowded cell without periodic boundaries differs
     assert abs(reference[1][0] - calc.get_potential_energy(Atoms(numbers=numbers, positions=positions[1]))) > 1e-3
 

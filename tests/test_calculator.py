@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
-from ase.calculators.fd import calculate_numerical_forces
 
 from qeq_ase.calculator import QEqCalculator
 from qeq_ase.io.checkpoint import PotentialFileError, save_potential
 from qeq_ase.data.graph import molecules_to_graph
 from qeq_ase.data.local_frame import local_positions
+from qeq_ase.testing import assert_equivariant, assert_forces_match_finite_differences
 from conftest import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,10 +42,15 @@ def test_properties_shapes_and_units(tiny_potential_path, aspirin):
     assert energy < -17000  # aspirin with H/C/O reference energies of -13.6/-1029/-2041 eV
 
 
-def test_forces_are_minus_energy_gradient(tiny_potential_path, aspirin):
-    aspirin.calc = QEqCalculator(tiny_potential_path, dtype="float64")
-    numeric = calculate_numerical_forces(aspirin, eps=1e-5)
-    np.testing.assert_allclose(aspirin.get_forces(), numeric, atol=1e-6)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_forces_are_minus_energy_gradient(tiny_potential_path, aspirin, dtype):
+    """All components; float64 to 1e-6 eV/Å, float32 to 2e-3 eV/Å (TOLERANCES)."""
+    assert_forces_match_finite_differences(QEqCalculator(tiny_potential_path, dtype=dtype), aspirin, components=None)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_calculator_is_rotation_translation_and_permutation_invariant(tiny_potential_path, aspirin, dtype):
+    assert_equivariant(QEqCalculator(tiny_potential_path, dtype=dtype), aspirin)
 
 
 def test_caching_follows_check_state(tiny_potential_path, aspirin, monkeypatch):

@@ -2,6 +2,7 @@
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ def test_build_directory_follows_torch_extensions_dir(monkeypatch, tmp_path):
 
 
 def test_each_environment_flag_set_and_cpu_builds_in_its_own_directory(monkeypatch):
-    """Two environments (or one home folder seen from two CPU kinds) never share a build."""
+    """Two environments, two checkouts (or one home folder seen from two CPU kinds) never share a build."""
     here = build_directory("k", ["-march=native"])
     assert build_directory("k", ["-march=native"]) == here
     assert build_directory("k", ["-march=x86-64-v3"]) != here
@@ -24,6 +25,9 @@ def test_each_environment_flag_set_and_cpu_builds_in_its_own_directory(monkeypat
     assert build_directory("k", ["-march=native"]) != here
     monkeypatch.undo()
     monkeypatch.setattr(cpp_extension, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert build_directory("k", ["-march=native"]) != here
+    monkeypatch.undo()
+    monkeypatch.setattr(cpp_extension, "CSRC", Path("/another/checkout/qeq_ase/kernels/csrc"))
     assert build_directory("k", ["-march=native"]) != here
 
 

@@ -1,12 +1,14 @@
 """The fused C++ edge-attention kernel against the eager layer it replaces at inference."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from qeq_ase.model.attention import EquivariantAttention
 from qeq_ase.kernels import edge_kernel
-from qeq_ase.kernels.edge_kernel import EdgeCSR, edge_attention, edge_backend, edge_blocks, receiver_order
+from qeq_ase.kernels.edge_kernel import EdgeCSR, edge_attention, edge_blocks, receiver_order, resolve_edge_backend
 from qeq_ase.data.neighbors import periodic_edges
 from test_model import tiny_model
 
@@ -108,35 +110,48 @@ def test_csr_refuses_unsorted_edges():
 
 
 def test_missing_compiler_falls_back_to_the_eager_layers(monkeypatch, tmp_path):
-    from qeq_ase.kernels import edge_kernel
     from qeq_ase.kernels.cpp_extension import LazyExtension
 
     monkeypatch.setattr(edge_kernel, "_EXTENSION", LazyExtension("qeq_missing", tmp_path / "missing.cpp", [],
                                                                  "the fused edge-attention kernel"))
-    monkeypatch.setenv("QEQ_EDGE_BACKEND", "cpp")
     with pytest.raises(RuntimeError, match="C\\+\\+17 compiler"):
-        edge_backend()
-    monkeypatch.setenv("QEQ_EDGE_BACKEND", "auto")
+        resolve_edge_backend("cpp")
     with pytest.warns(RuntimeWarning, match="eager attention layers"):
-        assert edge_backend() == "eager"
-    model = tiny_model()  # and the model still runs, on the eager layers
+        assert resolve_edge_backend("auto") == "eager"
+    model = tiny_model()  # and the model still runs, on the eager layers, warning once
     positions = torch.tensor([[0.0, 0, 0], [1.1, 0, 0], [0, 1.2, 0.1]], dtype=torch.float64)
+    args = (positions, model.species_index(torch.tensor([6, 1, 8])),
+            torch.tensor([[1, 2, 0, 2, 0, 1], [0, 0, 1, 1, 2, 2]]), torch.zeros(3, dtype=torch.long), 1)
     with pytest.warns(RuntimeWarning):
-        out = model.energy_and_forces(positions, model.species_index(torch.tensor([6, 1, 8])),
-                                      torch.tensor([[1, 2, 0, 2, 0, 1], [0, 0, 1, 1, 2, 2]]),
-                                      torch.zeros(3, dtype=torch.long), 1)
-    assert torch.isfinite(out["forces"]).all()
+        out = model.energy_and_forces(*args)
+    assert torch.isfinite(out["forces"]).all() and model.edge_backend() == "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # resolved once per model: no warning per call
+        model.energy_and_forces(*args)
+    with pytest.raises(RuntimeError, match="C\\+\\+17 compiler"):
+        model.set_edge_backend("cpp").energy_and_forces(*args)
 
 
 def test_unknown_backend_is_refused(monkeypatch):
+    with pytest.raises(ValueError, match="edge_backend must be one of"):
+        tiny_model().set_edge_backend("fast")
     monkeypatch.setenv("QEQ_EDGE_BACKEND", "fast")
     with pytest.raises(ValueError, match="QEQ_EDGE_BACKEND"):
-        edge_backend()
+        tiny_model()
 
 
-def _energy_and_forces(model, graph_args, backend, monkeypatch, training=False):
-    monkeypatch.setenv("QEQ_EDGE_BACKEND", backend)
-    out = model.energy_and_forces(*graph_args, training=training)
+def test_environment_sets_the_default_when_a_model_is_built(monkeypatch):
+    """``QEQ_EDGE_BACKEND`` is read when a model is made, never per call."""
+    monkeypatch.setenv("QEQ_EDGE_BACKEND", "eager")
+    model = tiny_model()
+    monkeypatch.setenv("QEQ_EDGE_BACKEND", "cpp")
+    assert model.edge_backend() == "eager"
+    assert tiny_model().edge_backend() == "cpp"
+    assert model.set_edge_backend("auto").edge_backend() == "cpp"
+
+
+def _energy_and_forces(model, graph_args, backend, training=False):
+    out = model.set_edge_backend(backend).energy_and_forces(*graph_args, training=training)
     return out["energy"].detach(), out["forces"].detach()
 
 
@@ -170,19 +185,19 @@ def test_model_energy_and_forces_fused_equal_eager_periodic(monkeypatch, variant
     assert model.edge_backend() == "cpp"
     monkeypatch.setattr(edge_kernel, "BLOCK_BYTES", block_bytes)  # 64 bytes: one edge per block
     monkeypatch.setattr(edge_kernel, "MIN_BLOCK_EDGES_PER_NODE", 0)
-    e_fused, f_fused = _energy_and_forces(model, args, "auto", monkeypatch)
-    e_eager, f_eager = _energy_and_forces(model, args, "eager", monkeypatch)
+    e_fused, f_fused = _energy_and_forces(model, args, "auto")
+    e_eager, f_eager = _energy_and_forces(model, args, "eager")
     torch.testing.assert_close(e_fused, e_eager, rtol=0, atol=1e-10)
     torch.testing.assert_close(f_fused, f_eager, rtol=0, atol=1e-10)
 
 
-def test_training_keeps_the_eager_double_backward(monkeypatch):
+def test_training_keeps_the_eager_double_backward():
     """``training=True`` must not route through the once-differentiable kernel."""
     model = tiny_model()
     positions = torch.tensor([[0.0, 0, 0], [1.1, 0, 0], [0, 1.2, 0.1]], dtype=torch.float64)
     species = model.species_index(torch.tensor([6, 1, 8]))
     edge_index = torch.tensor([[1, 2, 0, 2, 0, 1], [0, 0, 1, 1, 2, 2]])
-    monkeypatch.setenv("QEQ_EDGE_BACKEND", "auto")
-    out = model.energy_and_forces(positions, species, edge_index, torch.zeros(3, dtype=torch.long), 1, training=True)
+    out = model.set_edge_backend("cpp").energy_and_forces(positions, species, edge_index,
+                                                          torch.zeros(3, dtype=torch.long), 1, training=True)
     out["forces"].square().sum().backward()  # second derivatives reach the parameters
     assert model.layers[0].qkv.weight.grad is not None

@@ -40,10 +40,11 @@ from qeq_ase.model.network import ModelConfig, QEqModel
 from qeq_ase.quant.qat import (QATScalarLinear, QATVectorLinear, calibration, convert_to_qat, quantization_state,
                                set_quantization)
 from qeq_ase.quant.quantizers import MDDQQuantizer, NaiveQuantizer
+from qeq_ase.testing import TOLERANCES, assert_equivariant, assert_forces_match_finite_differences
 from qeq_ase.io.registry import load_model
 
 INT8_VS_QAT_RTOL = 1e-4     # relative force RMS error, and |dE| in eV (measured 4e-7 and 1e-7)
-LEE_FRACTION_OF_MEAN_F = 0.05  # measured 1.4% (full), 0.5% (naive)
+LEE_FRACTION_OF_MEAN_F = TOLERANCES["int8"].equivariance_forces_rtol  # 5%; measured 1.4% (full), 0.5% (naive)
 NUMBERS = np.array([6, 6, 6, 8, 8, 6, 1, 1, 1, 1, 1, 8])
 SCHEMES = ["full", "naive"]
 
@@ -337,6 +338,8 @@ def test_calculator_runs_an_int8_file(int8_file):
     assert abs(energy - ref["energy"].item()) < INT8_VS_QAT_RTOL
     assert np.abs(forces - ref["forces"].detach().numpy()).max() < INT8_VS_QAT_RTOL * rms(ref["forces"]) * 10
     assert atoms.get_potential_energies().sum() == pytest.approx(energy, abs=1e-9)
+    with pytest.raises(ValueError, match="piecewise constant"):
+        assert_forces_match_finite_differences(calc, atoms)
     with pytest.raises(ValueError, match="int8 potential, which computes in float32"):
         QEqCalculator(path, dtype="float64")
 
@@ -349,6 +352,8 @@ def test_int8_model_is_equivariant_up_to_quantization(models):
     reference = check_equivariance(qat, NUMBERS, positions, n_rotations=4)
     assert result.lee_mean_meV_per_A < LEE_FRACTION_OF_MEAN_F * mean_force
     assert result.lee_mean_meV_per_A == pytest.approx(reference.lee_mean_meV_per_A, rel=0.05)
+    for x in positions:  # worst atom within 5% of the mean |F| (TOLERANCES["int8"])
+        assert_equivariant(model, (NUMBERS, x))
 
 
 def test_corrupt_or_incompatible_int8_files_give_clear_errors(int8_file, tmp_path):
@@ -456,3 +461,44 @@ def test_activation_limbs_travel_with_the_file_and_the_calculator(int8_file, tmp
         QEqCalculator(build_tiny_model(), activation_limbs=2)
     with pytest.raises(ValueError, match="activation limbs must be one of"):
         set_activation_limbs(loaded, 8)
+
+
+def test_a_registered_quantization_scheme_goes_through_qat_int8_and_the_file(tmp_path, monkeypatch):
+    """A new scheme is one QuantScheme: here per-tensor weights with MDDQ vectors on the per-atom grid."""
+    from qeq_ase.quant import schemes
+
+    class PerTensorMDDQ(schemes.QATLayerFactory):
+        per_channel = False
+
+    monkeypatch.setattr(schemes, "SCHEMES", dict(schemes.SCHEMES))
+    scheme = schemes.register_scheme(schemes.QuantScheme(
+        "per-tensor-mddq", PerTensorMDDQ, "atom", weights="int8 per-tensor symmetric",
+        activations="int8 LSQ", vector="MDDQ, then the per-atom int8 grid"))
+    qat = convert_to_qat(build_tiny_model(), "per-tensor-mddq").eval()
+    assert qat.quantization_scheme == "per-tensor-mddq"
+    assert all(not m.per_channel for m in qat.modules() if isinstance(m, (QATScalarLinear, QATVectorLinear)))
+    with calibration(qat):
+        predict(qat, molecules(4, seed=0))
+    int8 = convert_to_int8(qat)
+    assert int8.quantization["scheme"] == "per-tensor-mddq" and int8.quantization["weights"] == scheme.weights
+    path = save_potential(tmp_path / "pt.pt", int8, {}, precision="int8")
+    loaded, _ = load_potential_file(path)
+    expected = predict(int8, molecules(2, seed=1))
+    torch.testing.assert_close(predict(loaded, molecules(2, seed=1))["forces"], expected["forces"], rtol=0, atol=0)
+
+    monkeypatch.setattr(schemes, "SCHEMES", {k: v for k, v in schemes.SCHEMES.items() if k != "per-tensor-mddq"})
+    with pytest.raises(PotentialFileError, match="unknown quantization scheme 'per-tensor-mddq'"):
+        load_potential_file(path)
+    with pytest.raises(ValueError, match=r"unknown quantization scheme 'mddq'; known: \['full', 'naive'\]"):
+        convert_to_qat(build_tiny_model(), "mddq")
+
+
+def test_the_int8_converter_takes_the_recorded_scheme_and_checks_the_layers_against_it():
+    qat = calibrated_qat("full")
+    qat.layers[0].qkv.per_channel = False  # a layer that does not follow the scheme the model was built with
+    with pytest.raises(ValueError, match="do not all follow the 'full' scheme"):
+        convert_to_int8(qat)
+    plain = copy.deepcopy(qat)
+    del plain.quantization_scheme
+    with pytest.raises(ValueError, match="not a QAT model"):
+        convert_to_int8(plain)

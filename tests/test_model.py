@@ -5,12 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from e3nn import o3
 
 from qeq_ase.io.checkpoint import PotentialFileError, load_potential_file, save_potential, unpack_state_dict
 from qeq_ase.data.dataset import load_rmd17
 from qeq_ase.model.network import ModelConfig, QEqModel
-from qeq_ase.testing import predict, tiny_model
+from qeq_ase.testing import assert_equivariant, assert_forces_match_finite_differences, predict, tiny_model
 
 RMD17_DIR = Path(__file__).resolve().parents[2] / "shared" / "rmd17"
 
@@ -35,46 +34,20 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_rotation_equivariance_float64(aspirin, variant):
+def test_rotation_translation_and_permutation_symmetry_float64(aspirin, variant):
+    """Energy invariant, forces equivariant to 1e-10 (TOLERANCES["float64"]) under three Haar-random
+    float64 rotations per frame, translations up to 12 Å and a permutation of the atoms."""
     model = tiny_model(**VARIANTS[variant])
     numbers, frames = aspirin
-    torch.manual_seed(1)
-    for positions in frames:
-        energy, forces = predict(model, numbers, positions)
-        for _ in range(3):  # Haar-random rotations, float64 so that R is orthogonal to 1e-16
-            rotation = o3.rand_matrix(dtype=torch.float64).numpy()
-            energy_r, forces_r = predict(model, numbers, positions @ rotation.T)
-            assert abs(energy_r - energy) < 1e-10
-            np.testing.assert_allclose(forces_r, forces @ rotation.T, atol=1e-10)
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_translation_and_permutation_invariance(aspirin, variant):
-    model = tiny_model(**VARIANTS[variant])
-    numbers, frames = aspirin
-    energy, forces = predict(model, numbers, frames[0])
-    energy_t, forces_t = predict(model, numbers, frames[0] + np.array([3.0, -7.5, 11.0]))
-    assert abs(energy_t - energy) < 1e-10
-    np.testing.assert_allclose(forces_t, forces, atol=1e-10)
-    perm = np.random.default_rng(0).permutation(len(numbers))
-    energy_p, forces_p = predict(model, numbers[perm], frames[0][perm])
-    assert abs(energy_p - energy) < 1e-10
-    np.testing.assert_allclose(forces_p, forces[perm], atol=1e-10)
+    for seed, positions in enumerate(frames):
+        assert_equivariant(model, (numbers, positions), rotations=3, translation_A=12.0, seed=seed)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_forces_are_minus_energy_gradient(aspirin, variant):
     model = tiny_model(**VARIANTS[variant])
     numbers, frames = aspirin
-    positions = frames[0]
-    _, forces = predict(model, numbers, positions)
-    h = 1e-4  # central differences: truncation ~h^2, round-off of a -17,500 eV total ~1e-12/h
-    for atom, axis in [(0, 0), (5, 1), (12, 2), (20, 0)]:
-        plus, minus = positions.copy(), positions.copy()
-        plus[atom, axis] += h
-        minus[atom, axis] -= h
-        numeric = -(predict(model, numbers, plus)[0] - predict(model, numbers, minus)[0]) / (2 * h)
-        assert forces[atom, axis] == pytest.approx(numeric, abs=1e-6)
+    assert_forces_match_finite_differences(model, (numbers, frames[0]), components=[(0, 0), (5, 1), (12, 2), (20, 0)])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -214,6 +187,9 @@ def test_linear_layers_follow_every_weight_update():
 
 def test_potential_files_name_their_architecture(tmp_path, monkeypatch):
     from qeq_ase.io import checkpoint
+    from qeq_ase.model import potential
+    from qeq_ase.quant.int8_model import convert_to_int8
+    from qeq_ase.quant.qat import calibration, convert_to_qat
 
     model = tiny_model(dtype=torch.float32)
     path = save_potential(tmp_path / "tiny.pt", model, {})
@@ -230,9 +206,19 @@ def test_potential_files_name_their_architecture(tmp_path, monkeypatch):
     class Variant(QEqModel):  # a new architecture plugs in by registering its config and model classes
         architecture = "qeq-transformer-variant"
 
-    monkeypatch.setattr(checkpoint, "ARCHITECTURES", dict(checkpoint.ARCHITECTURES))
-    checkpoint.register_architecture(ModelConfig, Variant)
+    monkeypatch.setattr(potential, "ARCHITECTURES", dict(potential.ARCHITECTURES))
+    monkeypatch.setattr(checkpoint, "ARCHITECTURES", potential.ARCHITECTURES)
+    potential.register_architecture(ModelConfig, Variant)
     variant = Variant(model.config)
     variant.load_state_dict(model.state_dict())
     loaded, _ = load_potential_file(save_potential(tmp_path / "variant.pt", variant, {}))
-    assert type(loaded) is Variant
+    assert type(loaded) is Variant and isinstance(loaded, potential.Potential)
+
+    # ... and QAT, the INT8 converter and the loader build that architecture, not QEqModel
+    qat = convert_to_qat(variant, "full")
+    with calibration(qat):
+        predict(qat, np.array([6, 1, 8]), np.array([[0.0, 0, 0], [1.1, 0, 0], [0, 1.2, 0.1]]))
+    int8 = convert_to_int8(qat, backend="eager")
+    assert type(qat) is Variant and type(int8) is Variant
+    loaded, meta = load_potential_file(save_potential(tmp_path / "variant_int8.pt", int8, {}, precision="int8"))
+    assert type(loaded) is Variant and meta["quantization"]["scheme"] == "full"

@@ -289,5 +289,5 @@ def test_branch_separated_schedule():
     assert vector_modules and not any(m.enabled for m in vector_modules)
     assert set_quantization(qat, vector=True) == {"scalar": True, "vector": True}
     assert set_quantization(qat, scalar=False) == {"scalar": False, "vector": True}
-    with pytest.raises(ValueError, match="scheme must be one of"):
+    with pytest.raises(ValueError, match="unknown quantization scheme"):
         convert_to_qat(tiny_float_model(), "int4")

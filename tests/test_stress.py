@@ -60,12 +60,11 @@ def relative_error(stress: np.ndarray, reference: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("backend", ["cpp", "eager"])
-def test_stress_is_the_strain_derivative_of_the_energy(tiny_potential_path, monkeypatch, backend):
+def test_stress_is_the_strain_derivative_of_the_energy(tiny_potential_path, backend):
     """float64, triclinic cell with images, all six components: central differences, h = 1e-5.
     Measured: 1.2e-8 relative to the largest component (the energy's float64 rounding over 2h),
     the same for the fused and the eager edge path."""
-    monkeypatch.setenv("QEQ_EDGE_BACKEND", backend)
-    calc = QEqCalculator(tiny_potential_path, dtype="float64")
+    calc = QEqCalculator(tiny_potential_path, dtype="float64", edge_backend=backend)
     atoms = ethanol_box(3, cellpar_to_cell(TRICLINIC_CELLPAR))
     assert np.any(atoms.get_scaled_positions(wrap=False) < 0)  # unwrapped atoms are part of the test
     atoms.calc = calc
@@ -152,7 +151,7 @@ def ethanol_calculators():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_int8_stress(ethanol_calculators, monkeypatch, seed):
+def test_int8_stress(ethanol_calculators, seed):
     """ethanol_int8 (float32, two-limb activations) on three ethanols in a triclinic cell.
     Measured, relative to the largest component, on six such boxes (seeds 0-5): 0.15-0.4% from
     ethanol_fp32's stress, 0.3-1.0% from its own finite differences with h = 1e-2 (ethanol_fp32:
@@ -167,9 +166,8 @@ def test_int8_stress(ethanol_calculators, monkeypatch, seed):
     int8 = stress["ethanol_int8"]
     assert relative_error(int8, stress["ethanol_fp32"]) < 0.02
     assert relative_error(int8, finite_difference_stress(atoms, ethanol_calculators["ethanol_int8"], 1e-2)) < 0.04
-    monkeypatch.setenv("QEQ_EDGE_BACKEND", "eager")
     eager = atoms.copy()
-    eager.calc = QEqCalculator("ethanol_int8")
+    eager.calc = QEqCalculator("ethanol_int8", edge_backend="eager")
     assert relative_error(eager.get_stress(), int8) < 2e-4
 
 

@@ -25,10 +25,11 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from ase import Atoms, units
+from ase import Atoms
 from ase.constraints import FixCom
 
 from ..md.driver import as_calculator, initialize_velocities, load_start_structure
+from ..md.integrators import INTEGRATORS
 
 
 @dataclass
@@ -84,8 +85,6 @@ def check_energy_conservation(model="aspirin_fp32", atoms: Atoms | str | None = 
         seed: seeds the velocities and the Langevin noise (a private generator).
         device, dtype: see :class:`~qeq_ase.calculator.QEqCalculator`.
     """
-    from ase.md.langevin import Langevin
-    from ase.md.verlet import VelocityVerlet
     from tqdm.auto import tqdm
 
     for name, value, strict in (("time_ps", time_ps, True), ("timestep_fs", timestep_fs, True),
@@ -101,18 +100,17 @@ def check_energy_conservation(model="aspirin_fp32", atoms: Atoms | str | None = 
     initialize_velocities(atoms, temperature_K, rng)
     atoms.set_constraint(FixCom())
     atoms.calc = as_calculator(model, device, dtype)
-    timestep = timestep_fs * units.fs
     n_warmup = int(round(warmup_fs / timestep_fs))
     n_steps = int(round(time_ps * 1e3 / timestep_fs))
     show = sys.stderr.isatty() if progress is None else progress
     t0 = time.perf_counter()
     with tqdm(total=n_warmup + n_steps, unit="step", disable=not show, dynamic_ncols=True) as bar:
-        warmup = Langevin(atoms, timestep, temperature_K=temperature_K, friction=friction_per_fs / units.fs,
-                          fixcm=False, rng=rng)
+        settings = {"timestep_fs": timestep_fs, "temperature_K": temperature_K, "friction_per_fs": friction_per_fs}
+        warmup = INTEGRATORS["langevin"].build(atoms, settings, rng)
         for _ in range(n_warmup):
             warmup.step()
             bar.update(1)
-        nve = VelocityVerlet(atoms, timestep)
+        nve = INTEGRATORS["nve"].build(atoms, settings, rng)
         steps, potential, kinetic, temperature = [0], [atoms.get_potential_energy()], [atoms.get_kinetic_energy()], []
         for step in range(1, n_steps + 1):
             nve.step()

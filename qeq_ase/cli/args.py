@@ -39,7 +39,7 @@ def _number(text: str, kind: type) -> float | int:
     return value
 
 
-def _bounded(kind: type, low: int, strict: bool, name: str):
+def bounded(kind: type, low: int, strict: bool, name: str):
     """An argparse type: a finite ``kind`` that is ``> low`` (``strict``) or ``>= low``."""
     def check(text: str):
         value = _number(text, kind)
@@ -53,10 +53,10 @@ def _bounded(kind: type, low: int, strict: bool, name: str):
     return check
 
 
-positive_float = _bounded(float, 0, True, "positive_float")
-non_negative_float = _bounded(float, 0, False, "non_negative_float")
-positive_int = _bounded(int, 1, False, "positive_int")
-non_negative_int = _bounded(int, 0, False, "non_negative_int")
+positive_float = bounded(float, 0, True, "positive_float")
+non_negative_float = bounded(float, 0, False, "non_negative_float")
+positive_int = bounded(int, 1, False, "positive_int")
+non_negative_int = bounded(int, 0, False, "non_negative_int")
 
 
 def torch_device(text: str) -> str:

@@ -3,7 +3,7 @@
 A potential file is a ``torch.save`` of a plain dict (tensors, numbers, strings, lists)::
 
     {"format": "qeq-ase-potential", "format_version": 2,
-     "architecture": "qeq-transformer",      # a key of ARCHITECTURES (files without it: this one)
+     "architecture": "qeq-transformer",      # qeq_ase.model.potential.ARCHITECTURES (none: this one)
      "precision": "fp32",                     # or "qat" (fake-quantized), "int8" (real int8)
      "model_config": {...},                   # ModelConfig.to_dict()
      "tensors": {"names": [...], "shapes": [...], "dtypes": [...],
@@ -41,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from ..model.network import ModelConfig, QEqModel
+from ..model.network import QEqModel
+from ..model.potential import ARCHITECTURES, Potential, architecture_classes, build_potential
 
 FORMAT_NAME = "qeq-ase-potential"
 FORMAT_VERSION = 2
@@ -57,19 +58,7 @@ class PotentialFileError(ValueError):
     """A potential file is missing, corrupt or incompatible with this version of qeq-ase."""
 
 
-#: Architectures a potential file can name: ``name -> (config class, model class)``. The config
-#: class has ``from_dict``/``to_dict``, the model class takes the config and has the
-#: ``energy_and_forces`` of :class:`~qeq_ase.model.network.QEqModel`. Quantization (QAT and int8
-#: files) is built for ``"qeq-transformer"`` only.
-ARCHITECTURES: dict[str, tuple[type, type]] = {QEqModel.architecture: (ModelConfig, QEqModel)}
-
-
-def register_architecture(config_class: type, model_class: type) -> None:
-    """Make float potential files of ``model_class.architecture`` loadable."""
-    ARCHITECTURES[model_class.architecture] = (config_class, model_class)
-
-
-def _int8_quantization(model: QEqModel, given: dict | None) -> dict:
+def _int8_quantization(model: Potential, given: dict | None) -> dict:
     """The model's own description, plus the caller's extra keys; conflicting keys raise."""
     if not isinstance(getattr(model, "quantization", None), dict):
         raise ValueError("the int8 model has no 'quantization' description: build it with "
@@ -111,7 +100,7 @@ def unpack_state_dict(packed: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_potential(path: str | os.PathLike, model: QEqModel, metadata: dict, precision: str = "fp32",
+def save_potential(path: str | os.PathLike, model: Potential, metadata: dict, precision: str = "fp32",
                    state_dict: dict | None = None) -> Path:
     """Write ``model`` (or an explicit ``state_dict``) with its metadata; atomic on POSIX.
 
@@ -186,7 +175,7 @@ def read_potential_file(path: str | os.PathLike) -> dict:
 
 
 def load_potential_file(path: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> tuple[QEqModel, dict]:
+                        dtype: torch.dtype = torch.float32) -> tuple[Potential, dict]:
     """Build the model stored in a potential file; returns ``(model, metadata)``.
 
     Dispatches on the file's precision: ``"fp32"`` (float model, ``dtype`` float32 or
@@ -205,19 +194,17 @@ def load_potential_file(path: str | os.PathLike, device: str | torch.device = "c
     architecture = payload.get("architecture", QEqModel.architecture)
     if architecture not in ARCHITECTURES:
         raise PotentialFileError(f"{path} holds a {architecture!r} model; this qeq-ase knows {sorted(ARCHITECTURES)}")
-    config_class, model_class = ARCHITECTURES[architecture]
-    if precision != "fp32" and model_class is not QEqModel:
-        raise PotentialFileError(f"{path}: {precision} potentials exist for {QEqModel.architecture!r} only")
     try:
-        config = config_class.from_dict(payload["model_config"])
+        config = architecture_classes(architecture)[0].from_dict(payload["model_config"])
         if precision == "int8":
             from ..quant.int8_model import build_int8_model, set_activation_limbs
 
-            model = build_int8_model(config, payload["state_dict"], quant["scheme"], quant.get("activation_bits", 8))
+            model = build_int8_model(config, payload["state_dict"], quant["scheme"], quant.get("activation_bits", 8),
+                                     architecture=architecture)
             set_activation_limbs(model, quant.get("activation_limbs", 1))
         else:
-            with torch.random.fork_rng(devices=[]):  # the random initial weights must not touch the global RNG
-                model = model_class(config) if precision == "fp32" else _build_qat(config, quant)
+            model = (build_potential(architecture, config) if precision == "fp32"
+                     else _build_qat(config, quant, architecture))
             model.load_state_dict(payload["state_dict"])
     except (RuntimeError, ValueError, TypeError, KeyError) as err:
         raise PotentialFileError(f"{path} does not match this qeq-ase {precision} model ({err})") from err
@@ -226,10 +213,11 @@ def load_potential_file(path: str | os.PathLike, device: str | torch.device = "c
     return model, metadata
 
 
-def _build_qat(config: ModelConfig, quant: dict) -> QEqModel:
+def _build_qat(config, quant: dict, architecture: str) -> Potential:
     from ..quant.qat import build_qat_model, set_activation_limbs, set_quantization
 
-    model = build_qat_model(config, quant["scheme"], quant.get("weight_bits", 8), quant.get("activation_bits", 8))
+    model = build_qat_model(config, quant["scheme"], quant.get("weight_bits", 8), quant.get("activation_bits", 8),
+                            architecture)
     set_activation_limbs(model, quant.get("activation_limbs", 1))
     state = quant.get("state") or {}
     set_quantization(model, **{b: state[b] for b in ("scalar", "vector") if isinstance(state.get(b), bool)})

@@ -2,9 +2,10 @@
 
 A kernel is compiled on its first use, never at import (30-60 s once, with a one-line
 message on stderr), for the CPU target :func:`qeq_ase.kernels.cpu_features.kernel_march` picks, and
-cached in a folder of its own per Python environment, torch version, compiler flags and CPU
-(``~/.cache/torch_extensions/qeq_ase/<name>-<key>``): two environments, or one home folder seen
-from two kinds of CPU, never rebuild or load each other's kernels. A failed build is
+cached in a folder of its own per Python environment, torch version, compiler flags, CPU and
+source folder (``~/.cache/torch_extensions/qeq_ase/<name>-<key>``): two environments, two
+checkouts, or one home folder seen from two kinds of CPU, never rebuild or load each other's
+kernels. A failed build is
 remembered and reported with what it needs.
 """
 
@@ -34,12 +35,15 @@ STALE_LOCK_S = 600.0
 
 
 def build_key(cflags: list[str]) -> str:
-    """12 hex digits that change with the Python environment, torch, the flags, the CPU and the shared headers."""
+    """12 hex digits that change with the Python environment, torch, the flags, the CPU, the
+    source folder and the shared headers."""
     import torch
 
     headers = [path.read_bytes() for path in sorted(CSRC.glob("*.h"))]  # torch rebuilds on .cpp changes only
+    # The source folder is part of torch's build arguments (the include path): two checkouts in
+    # one environment sharing a folder would each find the other's build stale and rebuild it.
     parts = [sys.prefix, torch.__version__, " ".join(cflags), cpu_model_name(), " ".join(sorted(cpu_flags())),
-             hashlib.sha256(b"".join(headers)).hexdigest()]
+             str(CSRC), hashlib.sha256(b"".join(headers)).hexdigest()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
 
 

@@ -11,10 +11,16 @@ up to float rounding.
 
 It has no double backward (``once_differentiable``): training on forces
 (``create_graph=True``) keeps the eager path. The fused path is chosen by
-:meth:`qeq_ase.model.network.QEqModel.energy_and_forces` when ``training=False``; set
-``QEQ_EDGE_BACKEND=eager`` to compare with the eager layer. Like the INT8 kernels it is
-built on first use (~20-40 s once, then cached); if it cannot be built the eager layer
-runs, with a warning.
+:meth:`qeq_ase.model.network.QEqModel.energy_and_forces` when ``training=False`` and the
+model's edge backend (:data:`BACKENDS`, ``QEqModel.set_edge_backend``, or
+``QEqCalculator(edge_backend=...)``) resolves to ``"cpp"``. Like the INT8 kernels it is built
+on first use (~20-40 s once, then cached); if it cannot be built, ``"auto"`` runs the eager
+layer with a warning.
+
+The model hands the kernel its graph through :func:`plan_fused_edges` (edges sorted by
+receiver and cut into blocks) and its edge filters as layers; an int8 filter layer that
+implements :class:`GradientCodesFilter` runs as one autograd node with the kernel
+(:func:`filtered_edge_attention`).
 """
 
 from __future__ import annotations
@@ -44,12 +50,29 @@ def load_edge_kernel():
     return _EXTENSION.load()
 
 
-def edge_backend() -> str:
-    """``"cpp"`` if the fused kernel runs at inference, else ``"eager"`` (``QEQ_EDGE_BACKEND``)."""
-    choice = os.environ.get("QEQ_EDGE_BACKEND", "auto")
+def check_edge_backend(choice: str, source: str = "edge_backend") -> str:
+    """``choice`` if it is one of :data:`BACKENDS`, else ValueError naming ``source``."""
     if choice not in BACKENDS:
-        raise ValueError(f"QEQ_EDGE_BACKEND must be one of {BACKENDS}, not {choice!r}")
-    if choice == "eager":
+        raise ValueError(f"{source} must be one of {BACKENDS}, not {choice!r}")
+    return choice
+
+
+def default_edge_backend() -> str:
+    """The edge backend a new model starts with: ``$QEQ_EDGE_BACKEND`` or ``"auto"``.
+
+    Read once, when a model is built (never per call), for scripts and command lines that
+    cannot pass the setting; code sets it explicitly with ``QEqModel.set_edge_backend``.
+    """
+    return check_edge_backend(os.environ.get("QEQ_EDGE_BACKEND", "auto"), "QEQ_EDGE_BACKEND")
+
+
+def resolve_edge_backend(choice: str = "auto") -> str:
+    """``"cpp"`` or ``"eager"``: what runs the per-edge work at inference for ``choice``.
+
+    ``"auto"`` builds (first use) or loads the fused kernels and falls back to ``"eager"``
+    with a warning if they cannot be built; ``"cpp"`` raises RuntimeError instead.
+    """
+    if check_edge_backend(choice) == "eager":
         return "eager"
     try:
         load_edge_kernel()
@@ -60,6 +83,42 @@ def edge_backend() -> str:
         warnings.warn(f"{err} Running the eager attention layers (slower).", RuntimeWarning, stacklevel=2)
         return "eager"
     return "cpp"
+
+
+class GradientCodesFilter:
+    """What :func:`filtered_edge_attention` needs of an edge-filter layer to run it and the kernel
+    as one autograd node (the int8 layers of :mod:`qeq_ase.quant.int8_linear` implement it).
+
+    The kernel writes the filter gradient as two-limb int8 codes of ``g * weight_scale``,
+    which the layer's int8 input-gradient GEMM takes as they are
+    (:meth:`input_grad_from_codes`); with :meth:`in_kernel_operands` the kernel also computes
+    the filter rows itself.
+    """
+
+    weight_scale: torch.Tensor  # [out] float32, the per-channel scales the codes are taken against
+    gradient_tiny: float        # smallest gradient scale the kernel's quantizer uses
+
+    @property
+    def takes_gradient_codes(self) -> bool:
+        """Whether the layer, as it is set now, takes its output gradient as codes."""
+        raise NotImplementedError
+
+    def in_kernel_operands(self) -> dict | None:
+        """Keyword arguments for the kernel to compute the layer itself, or None."""
+        raise NotImplementedError
+
+    def forward_no_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``(y, clipped)`` without an autograd node; ``clipped``: some input was out of range."""
+        raise NotImplementedError
+
+    def planar_gradient_codes(self, rows: int) -> bool:
+        """Layout of the codes :meth:`input_grad_from_codes` takes: planar, or interleaved rows."""
+        raise NotImplementedError
+
+    def input_grad_from_codes(self, codes: torch.Tensor, scale: torch.Tensor,
+                              x: torch.Tensor | None = None) -> torch.Tensor:
+        """``dL/dx`` from the kernel's codes ``[2M, out]`` and their per-row scales ``[M]``."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -136,6 +195,17 @@ def receiver_order(edge_index: torch.Tensor) -> torch.Tensor | None:
     if receiver.numel() < 2 or not bool((receiver[1:] < receiver[:-1]).any()):
         return None
     return torch.argsort(receiver, stable=True)
+
+
+def plan_fused_edges(edge_index: torch.Tensor, edge_shift: torch.Tensor | None, num_nodes: int,
+                     row_bytes: int) -> tuple[torch.Tensor, torch.Tensor | None, list[EdgeBlock]]:
+    """The graph as the fused kernel takes it: ``(edge_index, edge_shift, blocks)`` with the
+    edges sorted by receiver and cut into :func:`edge_blocks` (``row_bytes``: one edge's filters)."""
+    order = receiver_order(edge_index)
+    if order is not None:
+        edge_index = edge_index[:, order]
+        edge_shift = edge_shift[order] if edge_shift is not None else None
+    return edge_index, edge_shift, edge_blocks(edge_index, num_nodes, row_bytes)
 
 
 def _forward(ctx, qkv, vin, filt, envelope, unit, scale, csr: EdgeCSR, normalize: bool, *extra, **in_kernel):
@@ -241,19 +311,19 @@ def edge_attention(qkv: torch.Tensor, vin: torch.Tensor, filt: torch.Tensor, env
     return _EdgeAttention.apply(*args, csr, normalize)
 
 
-def filtered_edge_attention(qkv: torch.Tensor, vin: torch.Tensor, edge_features: torch.Tensor, filter_layer,
-                            envelope: torch.Tensor, unit: torch.Tensor, scale: torch.Tensor, csr: EdgeCSR,
-                            normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def filtered_edge_attention(qkv: torch.Tensor, vin: torch.Tensor, edge_features: torch.Tensor,
+                            filter_layer: torch.nn.Module, envelope: torch.Tensor, unit: torch.Tensor,
+                            scale: torch.Tensor, csr: EdgeCSR, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`edge_attention` with ``filt = filter_layer(edge_features)``.
 
-    If the filter layer takes its input gradient as int8 codes
-    (``filter_layer.takes_gradient_codes``: an int8 layer with two-limb inputs and
-    ``backward="auto"``, the default, or ``"int8"``; :mod:`qeq_ase.quant.int8_linear`) and the
-    inputs are float32, the filter GEMM
+    If the filter layer is a :class:`GradientCodesFilter` that takes its input gradient as int8
+    codes now (an int8 layer with two-limb inputs and ``backward="auto"``, the default, or
+    ``"int8"``; :mod:`qeq_ase.quant.int8_linear`) and the inputs are float32, the filter GEMM
     and the kernel run as one autograd node whose backward feeds the kernel's int8 filter
     gradient to the layer's int8 GEMM (:class:`_Int8FilterEdgeAttention`).
     """
-    if (getattr(filter_layer, "takes_gradient_codes", False) and qkv.dtype == torch.float32
+    if (isinstance(filter_layer, GradientCodesFilter) and filter_layer.takes_gradient_codes
+            and qkv.dtype == torch.float32
             and vin.dtype == torch.float32 and edge_features.dtype == torch.float32):
         args = [t.contiguous() for t in (qkv, vin, edge_features, envelope.float(), unit.float(), scale.float())]
         return _Int8FilterEdgeAttention.apply(*args, csr, normalize, filter_layer)

@@ -27,7 +27,7 @@ from ..calculator import QEqCalculator, resolve_model, species_names
 from ..data.graph import AtomicGraph
 from ..data.local_frame import OverlappingAtomsError, check_no_overlap, local_frame
 from ..data.neighbors import molecule_edges, periodic_edges
-from ..model.network import QEqModel
+from ..model.potential import Potential
 
 #: Default most atoms per model call; more are split into consecutive calls of at most this
 #: many (a structure larger than it runs alone). 64 aspirins are 1,344 atoms.
@@ -123,7 +123,7 @@ def _chunks(counts: list[int], max_atoms: int) -> list[slice]:
     return chunks
 
 
-def evaluate_batch(model: str | os.PathLike | QEqModel | QEqCalculator, structures: Sequence[Atoms], *,
+def evaluate_batch(model: str | os.PathLike | Potential | QEqCalculator, structures: Sequence[Atoms], *,
                    max_atoms: int = MAX_ATOMS_PER_CALL) -> list[tuple[float, np.ndarray]]:
     """Energy (eV) and forces (eV/Å ``[n_atoms, 3]``, float64) of each structure, in order.
 

@@ -1,15 +1,18 @@
 """Molecular dynamics with a qeq-ase potential: :func:`run_md` and the ``qeq-md`` CLI.
 
-Integrators are ASE's: :class:`ase.md.langevin.Langevin` (Vanden-Eijnden & Ciccotti,
-Chem. Phys. Lett. 429, 310 (2006), Eq. 23) for NVT and :class:`ase.md.verlet.VelocityVerlet`
-for NVE. Random numbers come from one ``np.random.default_rng(seed)`` per run (initial
-velocities and Langevin noise), never from the global ``np.random``; its state is saved
-with every block of frames, so a resumed Langevin run continues the same random sequence.
+Integrators are ASE's, one :class:`~qeq_ase.md.integrators.IntegratorSpec` per ensemble in
+:data:`~qeq_ase.md.integrators.INTEGRATORS`: ``langevin`` (:class:`ase.md.langevin.Langevin`,
+Vanden-Eijnden & Ciccotti, Chem. Phys. Lett. 429, 310 (2006), Eq. 23) and ``nose-hoover``
+(:class:`ase.md.nose_hoover_chain.NoseHooverChainNVT`) for NVT, ``nve``
+(:class:`ase.md.verlet.VelocityVerlet`) for NVE. Random numbers come from one
+``np.random.default_rng(seed)`` per run (initial velocities and Langevin noise), never from
+the global ``np.random``.
 
 Frames go to an H5MD file (layout in :mod:`qeq_ase.md.trajectory`) every ``write_every``
 steps and are flushed every ``flush_every`` frames: an interrupted run loses at most
 ``flush_every`` frames, and ``resume=True`` continues from the last complete frame
-(positions, velocities, step, RNG state) without duplicating or skipping frames.
+(positions, velocities, step, the RNG state and the integrator's own state, such as the
+Nose-Hoover chain, all saved with every block) without duplicating or skipping frames.
 
 CLI::
 
@@ -34,19 +37,17 @@ from ase import Atoms, units
 from ase.calculators.calculator import Calculator
 from ase.constraints import FixCom
 
-from ..cli.args import (ArgumentParser, non_negative_float, non_negative_int, positive_float, positive_int,
+from ..cli.args import (ArgumentParser, bounded, non_negative_float, non_negative_int, positive_float, positive_int,
                         torch_device, user_errors)
 from ..kernels.glibc_malloc import keep_large_allocations
 from .identity import OBJECT_LABELS, calculator_identity, check_same_model
+from .integrators import INTEGRATORS, IntegratorSpec, all_settings, check_setting, get_integrator
 from .trajectory import TrajectoryError, read_trajectory
 from .trajectory_writer import TrajectoryWriter, convert_trajectory
 
-ENSEMBLES = ("langevin", "nve")
-#: Settings that must agree between a run and its resumption, per ensemble.
-RESUME_CHECKED = {
-    "langevin": ("ensemble", "timestep_fs", "temperature_K", "friction_per_fs", "write_every", "fix_com"),
-    "nve": ("ensemble", "timestep_fs", "write_every", "fix_com"),
-}
+#: Settings that must agree between a run and its resumption, whatever the integrator
+#: (each integrator adds its own: :attr:`~qeq_ase.md.integrators.IntegratorSpec.resume_checked`).
+RESUME_CHECKED = ("ensemble", "timestep_fs", "write_every", "fix_com")
 
 
 def default_rmd17_dir() -> Path:
@@ -186,13 +187,13 @@ def _frame(atoms: Atoms, step: int, timestep_fs: float) -> dict:
     }
 
 
-def _resume_state(trajectory: Path, settings: dict) -> tuple[Atoms, int, dict]:
-    """Atoms (positions, velocities), step and file attributes (RNG state, model) of the last
-    complete frame of ``trajectory``."""
+def _resume_state(trajectory: Path, settings: dict, spec: IntegratorSpec) -> tuple[Atoms, int, dict]:
+    """Atoms (positions, velocities), step and file attributes (RNG and integrator state, model)
+    of the last complete frame of ``trajectory``."""
     data = read_trajectory(trajectory, fields=("step", "positions", "velocities"))
     attrs = data["attrs"]
-    mismatched = {key: (attrs.get(key), settings[key]) for key in RESUME_CHECKED[settings["ensemble"]]
-                  if attrs.get(key) != settings[key]}
+    checked = RESUME_CHECKED + spec.resume_checked if attrs.get("ensemble") == spec.name else ("ensemble",)
+    mismatched = {key: (attrs.get(key), settings[key]) for key in checked if attrs.get(key) != settings[key]}
     if mismatched:
         text = ", ".join(f"{k}: file {old!r} vs now {new!r}" for k, (old, new) in mismatched.items())
         raise TrajectoryError(f"cannot resume {trajectory}: settings differ ({text})")
@@ -223,12 +224,13 @@ def _resumed_calculator(trajectory: Path, attrs: dict, model, device: str, dtype
 
 
 def run_md(atoms_or_source: Atoms | str | os.PathLike | None, model=None, *, ensemble: str = "langevin",
-           temperature_K: float = 300.0, friction_per_fs: float = 0.01, timestep_fs: float = 0.5, steps: int = 1000,
+           temperature_K: float = 300.0, timestep_fs: float = 0.5, steps: int = 1000,
            trajectory: str | os.PathLike = "md.h5", write_every: int = 1, flush_every: int = 10,
            resume: bool = False, overwrite: bool = False, seed: int = 0, fix_com: bool = True,
            device: str = "cpu", dtype: str | None = None, activation_limbs: int | None = None,
-           data_dir: str | os.PathLike | None = None, progress: bool | None = None) -> MDSummary:
-    """Run Langevin (NVT) or velocity-Verlet (NVE) MD and append the frames to an HDF5 file.
+           data_dir: str | os.PathLike | None = None, progress: bool | None = None,
+           **integrator_settings: float | int) -> MDSummary:
+    """Run MD with a registered integrator (Langevin by default) and append the frames to an HDF5 file.
 
     Args:
         atoms_or_source: start structure (see :func:`load_start_structure`); ignored, and
@@ -237,9 +239,9 @@ def run_md(atoms_or_source: Atoms | str | os.PathLike | None, model=None, *, ens
             angular momentum); velocities it carries are kept.
         model: shipped potential name, path, built model, or any ASE calculator. None:
             ``"aspirin_fp32"`` for a new run; when resuming, the model the file records.
-        ensemble: ``"langevin"`` or ``"nve"``.
-        temperature_K: thermostat temperature (Langevin) and initial-velocity temperature.
-        friction_per_fs: Langevin friction in 1/fs (0.01/fs = 10/ps).
+        ensemble: a name in :data:`~qeq_ase.md.integrators.INTEGRATORS`: ``"langevin"``,
+            ``"nose-hoover"`` or ``"nve"``.
+        temperature_K: thermostat temperature (NVT) and initial-velocity temperature.
         timestep_fs: time step in fs.
         steps: total number of steps of the trajectory; a resumed run continues up to it.
         trajectory: HDF5 output file.
@@ -256,17 +258,21 @@ def run_md(atoms_or_source: Atoms | str | os.PathLike | None, model=None, *, ens
             activation limbs other than the file's is refused (:class:`TrajectoryError`).
         data_dir: rMD17 folder for ``rmd17:`` sources.
         progress: tqdm progress bar on stderr; None shows it only on a terminal.
+        integrator_settings: the integrator's own settings by name (its
+            :attr:`~qeq_ase.md.integrators.IntegratorSpec.settings`, with defaults and ranges):
+            ``friction_per_fs`` (Langevin, 1/fs); ``tdamp_fs`` and ``tchain`` (Nose-Hoover).
+            A name the integrator does not take is a ValueError.
     """
-    if ensemble not in ENSEMBLES:
-        raise ValueError(f"unknown ensemble {ensemble!r}; use one of {', '.join(ENSEMBLES)}")
-    _check_run_settings(timestep_fs=timestep_fs, temperature_K=temperature_K, friction_per_fs=friction_per_fs,
+    spec = get_integrator(ensemble)
+    _check_run_settings(timestep_fs=timestep_fs, temperature_K=temperature_K,
                         steps=steps, write_every=write_every, flush_every=flush_every)
     trajectory = Path(trajectory)
     settings = {"ensemble": ensemble, "timestep_fs": float(timestep_fs), "temperature_K": float(temperature_K),
-                "friction_per_fs": float(friction_per_fs), "write_every": int(write_every), "fix_com": bool(fix_com)}
+                "write_every": int(write_every), "fix_com": bool(fix_com), **spec.own_settings(integrator_settings)}
+    spec.validate(settings)
     rng = np.random.default_rng(seed)
     if resume:
-        atoms, start_step, attrs = _resume_state(trajectory, settings)
+        atoms, start_step, attrs = _resume_state(trajectory, settings, spec)
         if attrs.get("rng_state") is not None:
             rng.bit_generator.state = attrs["rng_state"]
         calc = _resumed_calculator(trajectory, attrs, model, device, dtype, activation_limbs)
@@ -286,9 +292,10 @@ def run_md(atoms_or_source: Atoms | str | os.PathLike | None, model=None, *, ens
         atoms.set_constraint(FixCom())
     atoms.calc = calc
     atoms.get_forces()  # fail before a file is written; cached for step 1
-    dyn = _integrator(atoms, settings, rng)
+    dyn = spec.build(atoms, settings, rng)
 
     if resume:
+        _restore_integrator(trajectory, spec, dyn, attrs.get("integrator_state"))
         writer = TrajectoryWriter.append_to(trajectory, flush_every, {"steps": int(steps)})
     else:
         meta = {**settings, "seed": int(seed), **calculator_identity(calc), "device": str(device),
@@ -302,7 +309,7 @@ def run_md(atoms_or_source: Atoms | str | os.PathLike | None, model=None, *, ens
         frame = _frame(atoms, step, timestep_fs)
         temperatures.append(frame["temperature"])
         totals.append(frame["total_energy"])
-        writer.add(frame, rng_state=json.dumps(rng.bit_generator.state))
+        writer.add(frame, rng_state=json.dumps(rng.bit_generator.state), integrator_state=json.dumps(spec.state(dyn)))
 
     from tqdm.auto import tqdm
 
@@ -331,23 +338,18 @@ def run_md(atoms_or_source: Atoms | str | os.PathLike | None, model=None, *, ens
 
 def _check_run_settings(**values) -> None:
     """ValueError naming the first setting out of range (the CLI checks the same in argparse)."""
-    for name, low, strict in (("timestep_fs", 0, True), ("temperature_K", 0, False), ("friction_per_fs", 0, False),
-                              ("steps", 0, False), ("write_every", 1, False), ("flush_every", 1, False)):
-        value = values[name]
-        if not np.isfinite(value) or value < low or (strict and value == low):
-            raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
+    for name, low, strict in (("timestep_fs", 0, True), ("temperature_K", 0, False), ("steps", 0, False),
+                              ("write_every", 1, False), ("flush_every", 1, False)):
+        check_setting(name, values[name], low, strict)
 
 
-def _integrator(atoms: Atoms, settings: dict, rng: np.random.Generator):
-    timestep = settings["timestep_fs"] * units.fs
-    if settings["ensemble"] == "nve":
-        from ase.md.verlet import VelocityVerlet
-
-        return VelocityVerlet(atoms, timestep)
-    from ase.md.langevin import Langevin
-
-    return Langevin(atoms, timestep, temperature_K=settings["temperature_K"],
-                    friction=settings["friction_per_fs"] / units.fs, fixcm=False, rng=rng)
+def _restore_integrator(trajectory: Path, spec: IntegratorSpec, dyn, saved: dict | None) -> None:
+    """Put the integrator state saved in ``trajectory`` into ``dyn``; a file without one resumes
+    only integrators that keep no state of their own."""
+    if saved is not None:
+        spec.restore(dyn, saved)
+    elif spec.state(dyn):
+        raise TrajectoryError(f"cannot resume {trajectory}: it holds no {spec.name} integrator state")
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -358,9 +360,14 @@ def _run_parser() -> argparse.ArgumentParser:
                         "(not needed with --resume)")
     parser.add_argument("--model", default=None, help="shipped potential name or path (default aspirin_fp32; "
                         "with --resume, the model the trajectory records)")
-    parser.add_argument("--ensemble", default="langevin", choices=ENSEMBLES)
-    parser.add_argument("--temperature-K", type=non_negative_float, default=300.0, help="K, >= 0 (default 300)")
-    parser.add_argument("--friction-per-fs", type=non_negative_float, default=0.01, help="1/fs, >= 0 (default 0.01)")
+    parser.add_argument("--ensemble", default="langevin", choices=list(INTEGRATORS), help="; ".join(
+        f"{spec.name}: {spec.description}" for spec in INTEGRATORS.values()) + " (default langevin)")
+    parser.add_argument("--temperature-K", type=non_negative_float, default=300.0,
+                        help="K, >= 0 (default 300): thermostat and initial velocities")
+    for setting in all_settings().values():
+        parser.add_argument(setting.option, type=bounded(int if setting.integer else float, setting.minimum,
+                                                         setting.strict, setting.name),
+                            default=None, help=f"{setting.help} (default {setting.default})")
     parser.add_argument("--timestep-fs", type=positive_float, default=0.5, help="fs, > 0 (default 0.5)")
     parser.add_argument("--steps", type=non_negative_int, default=1000,
                         help="total steps of the trajectory (default 1000)")
@@ -403,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _run_parser().parse_args(argv)
     if args.start is None and not args.resume:
         _run_parser().error("a start structure is needed unless --resume is given")
+    given = {name: getattr(args, name) for name in all_settings() if getattr(args, name) is not None}
     if args.threads:
         import torch
 
@@ -413,11 +421,11 @@ def main(argv: list[str] | None = None) -> None:
         with user_errors("qeq-md"):
             summary = run_md(
                 args.start, args.model, ensemble=args.ensemble, temperature_K=args.temperature_K,
-                friction_per_fs=args.friction_per_fs, timestep_fs=args.timestep_fs, steps=args.steps,
+                timestep_fs=args.timestep_fs, steps=args.steps,
                 trajectory=args.trajectory, write_every=args.write_every, flush_every=args.flush_every,
                 resume=args.resume, overwrite=args.overwrite, seed=args.seed, fix_com=args.fix_com,
                 device=args.device, dtype=args.dtype, activation_limbs=args.activation_limbs,
-                data_dir=args.data_dir, progress=args.progress,
+                data_dir=args.data_dir, progress=args.progress, **given,
             )
     except KeyboardInterrupt:
         print(f"\ninterrupted: all frames written so far are in {args.trajectory}; continue with --resume",

@@ -21,9 +21,13 @@ Layout of a file written by :class:`~qeq_ase.md.trajectory_writer.TrajectoryWrit
     /observables/temperature/value     [F]       float64  K
     /parameters/n_frames               []        int64    complete frames
     /parameters/rng_state              []        string   JSON state of the run's numpy Generator after them
+    /parameters/integrator_state       []        string   JSON state the integrator keeps besides positions and
+                                                          velocities after them (e.g. the Nose-Hoover chain)
 
-Every other ``step`` and ``time`` is a hard link to those of ``position``. Forces are stored
-in kJ/(mol·Å) because MDAnalysis reads no eV-based force unit; :func:`read_trajectory`
+Every other ``step`` and ``time`` is a hard link to those of ``position``. A file without
+``integrator_state`` resumes with integrators that keep no state of their own (Langevin, NVE);
+:meth:`~qeq_ase.md.trajectory_writer.TrajectoryWriter.append_to` adds the dataset. Forces are
+stored in kJ/(mol·Å) because MDAnalysis reads no eV-based force unit; :func:`read_trajectory`
 returns them, like everything else, in ASE units (eV/Å).
 
 A block of frames is written and flushed before ``n_frames`` counts it, so after a crash
@@ -64,12 +68,13 @@ H5MD_VERSION = (1, 1)
 LIBVER = ("v110", "v110")
 #: eV -> kJ/mol.
 KJ_PER_MOL_PER_EV = units.mol / units.kJ
-RNG_STATE_BYTES = 4096
+#: JSON strings stored in ``/parameters`` with each block of frames: name -> fixed length in bytes.
+BLOCK_STATES = {"rng_state": 4096, "integrator_state": 16384}
 #: Suffixes for which :func:`~qeq_ase.md.trajectory_writer.convert_trajectory` writes this layout rather
 #: than an ASE format.
 H5MD_SUFFIXES = (".h5", ".hdf5", ".h5md")
 #: Root attributes that the writer itself keeps; the others are run settings.
-_BOOKKEEPING = ("format", "format_version", "n_frames", "rng_state", "pbc", "cell")
+_BOOKKEEPING = ("format", "format_version", "n_frames", *BLOCK_STATES, "pbc", "cell")
 
 
 @dataclass(frozen=True)
@@ -146,8 +151,9 @@ def read_trajectory(path: str | os.PathLike, fields: tuple[str, ...] | None = No
 
     Returns a dict with the frame arrays (``fields``, default all of :data:`FRAME_FIELDS`),
     ``numbers``, ``masses``, ``cell`` and ``attrs`` (a plain dict of the root attributes plus
-    ``n_frames`` and ``rng_state``, decoded from JSON). A file that qeq-md is still writing
-    is opened in SWMR mode: the frames written so far.
+    ``n_frames``, ``rng_state`` and ``integrator_state``, decoded from JSON; the states only
+    where the file holds them). A file that qeq-md is still writing is opened in SWMR mode:
+    the frames written so far.
     """
     path = Path(path)
     fields = tuple(fields or FRAME_FIELDS)
@@ -158,10 +164,11 @@ def read_trajectory(path: str | os.PathLike, fields: tuple[str, ...] | None = No
         except (OSError, KeyError) as err:
             raise TrajectoryError(f"{path} is damaged ({type(err).__name__}: {_one_line(err)})") from err
     attrs = {key: (value.item() if isinstance(value, np.generic) else value) for key, value in out["attrs"].items()}
-    if attrs.get("rng_state"):
-        attrs["rng_state"] = json.loads(attrs["rng_state"])
-    else:
-        attrs.pop("rng_state", None)
+    for name in BLOCK_STATES:
+        if attrs.get(name):
+            attrs[name] = json.loads(attrs[name])
+        else:
+            attrs.pop(name, None)
     out["attrs"] = attrs
     return out
 
@@ -180,7 +187,9 @@ def _read_v2(h5: h5py.File, fields: tuple[str, ...]) -> dict:
     out["cell"] = np.asarray(h5.attrs["cell"], dtype=np.float64)
     attrs = dict(h5.attrs)
     attrs["n_frames"] = n
-    attrs["rng_state"] = h5["parameters/rng_state"][()].decode()
+    for name in BLOCK_STATES:
+        if name in h5["parameters"]:
+            attrs[name] = h5["parameters"][name][()].decode()
     out["attrs"] = attrs
     return out
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .trajectory import (_BOOKKEEPING, CLOCK, EDGES, FORMAT_NAME, FORMAT_VERSION, FRAME_FIELDS, H5MD_SUFFIXES,
-                         H5MD_VERSION, LIBVER, RNG_STATE_BYTES, TrajectoryError, _check_format, _one_line, _open_read,
+from .trajectory import (_BOOKKEEPING, BLOCK_STATES, CLOCK, EDGES, FORMAT_NAME, FORMAT_VERSION, FRAME_FIELDS,
+                         H5MD_SUFFIXES, H5MD_VERSION, LIBVER, TrajectoryError, _check_format, _one_line, _open_read,
                          read_trajectory, trajectory_to_atoms)
 
 try:
@@ -89,7 +89,15 @@ def _write_layout(h5: h5py.File, numbers, masses, cell, pbc, settings: dict, aut
 
     parameters = h5.create_group("parameters")
     parameters.create_dataset("n_frames", data=np.int64(0))
-    parameters.create_dataset("rng_state", data=np.bytes_(b""), dtype=f"S{RNG_STATE_BYTES}")
+    _add_block_states(parameters)
+
+
+def _add_block_states(parameters: h5py.Group) -> None:
+    """The empty fixed-length strings of :data:`BLOCK_STATES` that ``parameters`` lacks (SWMR
+    writers cannot add them later, nor resize them)."""
+    for name, size in BLOCK_STATES.items():
+        if name not in parameters:
+            parameters.create_dataset(name, data=np.bytes_(b""), dtype=f"S{size}")
 
 
 def _time_dependent(h5: h5py.File, path: str, shape: tuple, dtype, unit: str) -> None:
@@ -113,9 +121,9 @@ class TrajectoryWriter:
     """Buffer frames in memory and append them to a trajectory file every ``flush_every`` frames.
 
     Use :meth:`create` for a new file and :meth:`append_to` to continue one. ``rng_state``
-    given to :meth:`add` is stored with the block that ends at that frame. While the writer is
-    open it holds a shared ``flock`` on the file, by which :meth:`append_to` tells a running
-    writer from a killed one.
+    and ``integrator_state`` given to :meth:`add` are stored with the block that ends at that
+    frame. While the writer is open it holds a shared ``flock`` on the file, by which
+    :meth:`append_to` tells a running writer from a killed one.
     """
 
     def __init__(self, h5: h5py.File, flush_every: int):
@@ -127,7 +135,7 @@ class TrajectoryWriter:
         self._cell = np.asarray(h5.attrs["cell"], dtype=np.float64)
         self._n_on_disk = int(h5["parameters/n_frames"][()])
         self._buffer: list[dict] = []
-        self._rng_state: str | None = None
+        self._states: dict[str, str] = {}
         h5.swmr_mode = True  # from here on readers may open the file; no new objects or attributes
         self._lock_fd = _hold_shared_lock(h5.filename)
 
@@ -163,6 +171,7 @@ class TrajectoryWriter:
                     ds.resize(n_frames, axis=0)
             for key, value in (attrs or {}).items():
                 h5.attrs[key] = value
+            _add_block_states(h5["parameters"])
             return cls(h5, flush_every)
         except (OSError, KeyError) as err:
             h5.close()
@@ -171,11 +180,11 @@ class TrajectoryWriter:
             h5.close()
             raise
 
-    def add(self, frame: dict, rng_state: str | None = None) -> None:
-        """Queue one frame (keys of :data:`FRAME_FIELDS`, ASE units); write the block when it is full."""
+    def add(self, frame: dict, rng_state: str | None = None, integrator_state: str | None = None) -> None:
+        """Queue one frame (keys of :data:`FRAME_FIELDS`, ASE units) and the JSON states after it;
+        write the block when it is full."""
         self._buffer.append(frame)
-        if rng_state is not None:
-            self._rng_state = rng_state
+        self._states.update(_given(rng_state=rng_state, integrator_state=integrator_state))
         if len(self._buffer) >= self.flush_every:
             self.flush()
 
@@ -184,11 +193,13 @@ class TrajectoryWriter:
         if not self._buffer:
             return
         block = {name: np.stack([np.asarray(frame[name]) for frame in self._buffer]) for name in FRAME_FIELDS}
-        self.write_block(block, self._rng_state)
+        self.write_block(block, **self._states)
         self._buffer.clear()
 
-    def write_block(self, block: dict[str, np.ndarray], rng_state: str | None = None) -> None:
-        """Append frames given as arrays (one per :data:`FRAME_FIELDS` key, frames first)."""
+    def write_block(self, block: dict[str, np.ndarray], rng_state: str | None = None,
+                    integrator_state: str | None = None) -> None:
+        """Append frames given as arrays (one per :data:`FRAME_FIELDS` key, frames first) and
+        the JSON states after the last of them."""
         start = self._n_on_disk
         stop = start + len(block["step"])
         for name, field in FRAME_FIELDS.items():
@@ -201,11 +212,11 @@ class TrajectoryWriter:
             ds.resize(stop, axis=0)
             ds[start:stop] = np.broadcast_to(self._cell, (stop - start, 3, 3))
         self.h5.flush()  # the frames are in the file before n_frames counts them
-        if rng_state is not None:
-            encoded = rng_state.encode()
-            if len(encoded) > RNG_STATE_BYTES:
-                raise ValueError(f"RNG state of {len(encoded)} bytes does not fit the file's {RNG_STATE_BYTES}")
-            self.h5["parameters/rng_state"][()] = np.bytes_(encoded)
+        for name, state in _given(rng_state=rng_state, integrator_state=integrator_state).items():
+            encoded = state.encode()
+            if len(encoded) > BLOCK_STATES[name]:
+                raise ValueError(f"{name} of {len(encoded)} bytes does not fit the file's {BLOCK_STATES[name]}")
+            self.h5["parameters"][name][()] = np.bytes_(encoded)
         self.h5["parameters/n_frames"][()] = stop
         self.h5.flush()
         self._n_on_disk = stop
@@ -231,6 +242,10 @@ class TrajectoryWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _given(**states: str | None) -> dict[str, str]:
+    return {name: state for name, state in states.items() if state is not None}
 
 
 def _try_lock(path, exclusive: bool) -> tuple[int | None, bool]:
@@ -297,12 +312,12 @@ def write_h5md(data: dict, path: str | os.PathLike, author: str | None = None) -
     """Write what :func:`read_trajectory` returned to a new file in the current layout; returns the frame count."""
     attrs = data["attrs"]
     settings = {key: value for key, value in attrs.items() if key not in _BOOKKEEPING}
-    rng_state = json.dumps(attrs["rng_state"]) if attrs.get("rng_state") is not None else None
+    states = {name: json.dumps(attrs[name]) for name in BLOCK_STATES if attrs.get(name) is not None}
     n = len(data["step"])
     with TrajectoryWriter.create(path, data["numbers"], data["masses"], data["cell"], attrs["pbc"], settings,
                                  flush_every=max(n, 1), author=author) as writer:
         if n:
-            writer.write_block({name: data[name] for name in FRAME_FIELDS}, rng_state)
+            writer.write_block({name: data[name] for name in FRAME_FIELDS}, **states)
     return n
 
 

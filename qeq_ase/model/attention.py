@@ -23,7 +23,7 @@ Either way the envelope makes the weights vanish smoothly at ``r_c``.
 
 Given :class:`~qeq_ase.kernels.edge_kernel.EdgeBlock` s (inference, softmax attention) the per-edge
 work between the GEMMs runs in the fused C++ kernel of :mod:`qeq_ase.kernels.edge_kernel`, one block
-of edges at a time; without them (training, or ``QEQ_EDGE_BACKEND=eager``) it runs as the
+of edges at a time; without them (training, or the model's edge backend ``"eager"``) it runs as the
 eager ops below; so does the node update that closes the layer (:mod:`qeq_ase.kernels.node_update`).
 """
 

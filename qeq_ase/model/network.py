@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..kernels.edge_kernel import edge_backend, edge_blocks, receiver_order
+from ..kernels.edge_kernel import check_edge_backend, default_edge_backend, plan_fused_edges, resolve_edge_backend
 from .attention import EquivariantAttention, scatter_sum
 from .layers import LayerFactory
 from .radial import RADIAL_BASES, cosine_cutoff
@@ -111,6 +111,7 @@ class QEqModel(nn.Module):
     def __init__(self, config: ModelConfig, factory: LayerFactory | None = None):
         super().__init__()
         self.config = config
+        self._edge_backend_choice, self._edge_backend = default_edge_backend(), None  # see set_edge_backend
         factory = factory or LayerFactory()
         F = config.num_features
         z_to_index = torch.full((119,), -1, dtype=torch.long)
@@ -162,12 +163,8 @@ class QEqModel(nn.Module):
         """
         blocks = None
         if fused:
-            order = receiver_order(edge_index)
-            if order is not None:
-                edge_index = edge_index[:, order]
-                edge_shift = edge_shift[order] if edge_shift is not None else None
             row_bytes = 4 * self.config.num_features * positions.element_size()  # one edge's filters
-            blocks = edge_blocks(edge_index, positions.shape[0], row_bytes)
+            edge_index, edge_shift, blocks = plan_fused_edges(edge_index, edge_shift, positions.shape[0], row_bytes)
         sender, receiver = edge_index
         vec = torch.index_select(positions, 0, sender) - torch.index_select(positions, 0, receiver)
         if edge_shift is not None:
@@ -218,11 +215,20 @@ class QEqModel(nn.Module):
             out["virial"] = -strain_grad
         return out
 
+    def set_edge_backend(self, choice: str) -> "QEqModel":
+        """What runs the per-edge work at inference: ``"auto"`` (the fused C++ kernel where it
+        builds), ``"cpp"`` (the kernel, or an error) or ``"eager"`` (torch ops); returns the model."""
+        self._edge_backend_choice = check_edge_backend(choice)
+        self._edge_backend = None
+        return self
+
     def edge_backend(self) -> str:
-        """What runs the layers' per-edge work at inference: ``"cpp"`` (fused) or ``"eager"``."""
-        if not any(layer.activation == "softmax" for layer in self.layers):
-            return "eager"
-        return edge_backend()
+        """What runs the layers' per-edge work at inference: ``"cpp"`` (fused) or ``"eager"``
+        (resolved on first use, :func:`~qeq_ase.kernels.edge_kernel.resolve_edge_backend`)."""
+        if self._edge_backend is None:
+            softmax = any(layer.activation == "softmax" for layer in self.layers)  # the kernel's attention
+            self._edge_backend = resolve_edge_backend(self._edge_backend_choice) if softmax else "eager"
+        return self._edge_backend
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

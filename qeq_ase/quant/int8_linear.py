@@ -59,6 +59,7 @@ from e3nn import o3
 from torch import nn
 
 from ..kernels.cpu_features import int_mm_is_exact
+from ..kernels.edge_kernel import GradientCodesFilter
 from .int8_kernels import (BACKENDS, ONEDNN_MIN_ROWS, ONEDNN_MIN_WIDTH, _NO_PACK, _PackedWeights, _use_onednn,
                            get_kernels, resolve_gemm)
 from .quantizers import (TINY, LSQQuantizer, MDDQQuantizer, fake_quantize_limbs, fake_quantize_per_atom,
@@ -78,7 +79,7 @@ def _refresh_after_load(module: "_Int8LinearBase", incompatible_keys) -> None:
     module.refresh()
 
 
-class _Int8LinearBase(nn.Module):
+class _Int8LinearBase(nn.Module, GradientCodesFilter):
     """Buffers (saved in the state dict): ``weight_int8 [out, in]`` int8, ``weight_scale [out]``
     (float, includes ``1/sqrt(in)``), ``bias [out]`` or None, ``input_step`` (scalar, the
     static activation step; unused for per-atom vector inputs)."""
@@ -227,7 +228,7 @@ class _Int8LinearBase(nn.Module):
             return ops.linear_atom_forward(x2d, qmax, TINY, w_t, w_scale, limbs, w_packed)
         return ops.linear_static_forward(x2d, step, qmax, w_t, w_scale, bias, limbs, w_packed)[0]
 
-    # --- the input gradient as int8 codes (qeq_ase.kernels.edge_kernel.filtered_edge_attention) ---
+    # --- GradientCodesFilter: the input gradient as int8 codes (qeq_ase.kernels.edge_kernel) ---
 
     @property
     def takes_gradient_codes(self) -> bool:

@@ -1,10 +1,12 @@
 """The INT8 inference model: export a QAT model to real int8 layers, save it, rebuild it.
 
-:func:`convert_to_int8` turns a trained QAT model (:mod:`qeq_ase.quant.qat`) into a
-:class:`~qeq_ase.model.network.QEqModel` whose linear layers are the real int8 layers of
+:func:`convert_to_int8` turns a trained QAT model (:mod:`qeq_ase.quant.qat`) into a model of
+the same architecture (:mod:`qeq_ase.model.potential`; :class:`~qeq_ase.model.network.QEqModel`
+for the shipped files) whose linear layers are the real int8 layers of
 :mod:`qeq_ase.quant.int8_linear`; :func:`build_int8_model` rebuilds the same model from a config
-and an int8 state dict, without the QAT model. ``model.py`` is not changed: the modules of a
-float ``QEqModel(config)`` are swapped in place.
+and an int8 state dict, without the QAT model. The model code is not changed: the modules of a
+float model built from the config are swapped in place. The quantization scheme
+(:mod:`qeq_ase.quant.schemes`) is the one the QAT model was built with, and the file records its name.
 
 What becomes what (``F`` channels, per interaction layer unless said):
 
@@ -53,9 +55,11 @@ from torch import nn
 
 from ..model.layers import FeatureObserver, ScalarLinear, VectorLinear
 from ..model.network import ModelConfig, QEqModel
+from ..model.potential import Potential, build_potential
 from .int8_linear import ACTIVATION_LIMBS, BACKWARD_KERNELS, Int8ScalarLinear, Int8VectorLinear, _Int8LinearBase
-from .qat import QATScalarLinear, QATVectorLinear, quantization_state
-from .quantizers import LSQQuantizer, MDDQQuantizer, NaiveQuantizer, qrange
+from .qat import QATScalarLinear, QATVectorLinear, qat_scheme, quantization_state
+from .quantizers import LSQQuantizer, MDDQQuantizer, qrange
+from .schemes import QuantScheme, get_scheme
 
 #: Observers whose output is also used by float operations, not only by the linear they
 #: feed: the int8 model keeps them as float fake quantizers. ``vector_in``: the vector
@@ -63,21 +67,6 @@ from .quantizers import LSQQuantizer, MDDQQuantizer, NaiveQuantizer, qrange
 #: observer feeds exactly one linear (``qat.OBSERVER_FEEDS``) and becomes an identity.
 FLOAT_OBSERVERS = ("vector_in",)
 
-#: What the saved ``metadata["quantization"]`` says, per scheme (see ``docs/quantization.md``).
-SCHEME_DESCRIPTIONS = {
-    "full": {
-        "weights": "int8 per-output-channel symmetric",
-        "activations": "int8 symmetric, one learned static step per tensor (LSQ)",
-        "vector": "MDDQ (8-bit magnitude with a learned step, 8-bit direction), then a per-atom "
-                  "int8 grid (largest vector length of the atom / 127) for the GEMM",
-    },
-    "naive": {
-        "weights": "int8 per-tensor symmetric",
-        "activations": "int8 symmetric, one learned static step per tensor (LSQ)",
-        "vector": "naive: one learned per-tensor step on every Cartesian component (not rotation invariant)",
-    },
-}
-VECTOR_INPUT_MODES = {"full": "atom", "naive": "static"}
 ACTIVATION_ENCODINGS = {
     1: "one int8 code per GEMM input (W8A8)",
     2: "two int8 codes per GEMM input, hi on the learned grid and lo on a 254x finer one "
@@ -85,12 +74,9 @@ ACTIVATION_ENCODINGS = {
 }
 
 
-def quantization_metadata(scheme: str, activation_bits: int = 8, weight_bits: int = 8) -> dict:
-    """The ``quantization`` entry of an int8 potential file's metadata."""
-    if scheme not in SCHEME_DESCRIPTIONS:
-        raise ValueError(f"scheme must be one of {sorted(SCHEME_DESCRIPTIONS)}, not {scheme!r}")
-    return {"scheme": scheme, **SCHEME_DESCRIPTIONS[scheme],
-            "weight_bits": int(weight_bits), "activation_bits": int(activation_bits),
+def quantization_metadata(scheme: str | QuantScheme, activation_bits: int = 8, weight_bits: int = 8) -> dict:
+    """The ``quantization`` entry of an int8 potential file's metadata (one-limb inputs)."""
+    return {**get_scheme(scheme).metadata(activation_bits, weight_bits),
             "activation_limbs": 1, "activation_encoding": ACTIVATION_ENCODINGS[1]}
 
 
@@ -182,21 +168,6 @@ def is_int8_model(model: nn.Module) -> bool:
 # QAT -> INT8
 # ---------------------------------------------------------------------------------------
 
-def _qat_scheme(qat_model: nn.Module) -> tuple[str, int, int]:
-    """``(scheme, activation_bits, weight_bits)`` of a QAT model; ValueError if mixed."""
-    layers = [m for m in qat_model.modules() if isinstance(m, (QATScalarLinear, QATVectorLinear))]
-    if not layers:
-        raise ValueError("the model has no QAT layers: build it with qat.convert_to_qat or qat.build_qat_model")
-    bits = {(m.activation_bits, m.weight_bits) for m in layers}
-    per_channel = {m.per_channel for m in layers}
-    per_atom = {m.requantize_per_atom for m in layers if isinstance(m, QATVectorLinear)}
-    if len(bits) != 1 or len(per_channel) != 1 or len(per_atom) > 1 or per_atom - per_channel:
-        raise ValueError("the QAT layers mix quantization settings (bits, per-channel weights, per-atom "
-                         "vector grid); only the 'full' and 'naive' schemes of qeq_ase.quant.qat can be exported")
-    (activation_bits, weight_bits), = bits
-    return ("full" if per_channel.pop() else "naive"), activation_bits, weight_bits
-
-
 def _frozen_copy(quantizer: nn.Module) -> nn.Module:
     """A float fake quantizer for inference: always on, never calibrating, no gradients."""
     quantizer = copy.deepcopy(quantizer).eval().requires_grad_(False)
@@ -216,7 +187,7 @@ def _split(path: str) -> tuple[str, str]:
     return parent, name
 
 
-def convert_to_int8(qat_model: QEqModel, backend: str = "auto", backward: str = "auto") -> QEqModel:
+def convert_to_int8(qat_model: Potential, backend: str = "auto", backward: str = "auto") -> Potential:
     """The int8 inference model of a QAT model (which is not modified).
 
     Args:
@@ -225,7 +196,7 @@ def convert_to_int8(qat_model: QEqModel, backend: str = "auto", backward: str = 
             branches on (:func:`~qeq_ase.quant.qat.set_quantization`).
         backend, backward: of the int8 layers (:class:`qeq_ase.quant.int8_linear.Int8ScalarLinear`).
 
-    Returns a float32 CPU :class:`~qeq_ase.model.network.QEqModel` in eval mode whose
+    Returns a float32 CPU model of the QAT model's architecture, in eval mode, whose
     ``quantization`` attribute holds :func:`quantization_metadata`. It computes what the QAT
     model computes, up to float32 rounding of the rescales (which can move a value across
     a rounding boundary of the next quantizer; ``tests/test_int8_model.py`` measures it).
@@ -234,10 +205,8 @@ def convert_to_int8(qat_model: QEqModel, backend: str = "auto", backward: str = 
     if state != {"scalar": True, "vector": True}:
         raise ValueError(f"the int8 model quantizes both branches, but the QAT model has {state}: "
                          "switch them on with qat.set_quantization(model, scalar=True, vector=True)")
-    scheme, activation_bits, weight_bits = _qat_scheme(qat_model)
-    config = ModelConfig.from_dict(qat_model.config.to_dict())
-    with torch.random.fork_rng(devices=[]):  # random initial weights must not touch the global RNG
-        model = QEqModel(config)
+    scheme, activation_bits, weight_bits = qat_scheme(qat_model)
+    model = build_potential(qat_model.architecture, qat_model.config.to_dict())
     missing, _ = model.load_state_dict({k: v.detach().cpu() for k, v in qat_model.state_dict().items()},
                                        strict=False)
     if missing:
@@ -284,19 +253,18 @@ def convert_to_int8(qat_model: QEqModel, backend: str = "auto", backward: str = 
 # state dict <-> model
 # ---------------------------------------------------------------------------------------
 
-def int8_model_skeleton(config: ModelConfig, scheme: str = "full", activation_bits: int = 8,
+def int8_model_skeleton(config: ModelConfig, scheme: str | QuantScheme = "full", activation_bits: int = 8,
                         float_observers: tuple[str, ...] = (), backend: str = "auto",
-                        backward: str = "auto") -> QEqModel:
-    """An int8 ``QEqModel`` with zero codes: the module layout :func:`build_int8_model` fills.
+                        backward: str = "auto", architecture: str = QEqModel.architecture) -> Potential:
+    """An int8 model of ``architecture`` with zero codes: the module layout :func:`build_int8_model` fills.
 
-    ``float_observers``: paths of the observers kept as float fake quantizers (MDDQ when
-    ``scheme="full"`` and the observer is a vector one, else a signed LSQ quantizer).
+    ``float_observers``: paths of the observers kept as float fake quantizers (the scheme's
+    observer of that kind: MDDQ or naive for vectors, a signed LSQ quantizer for scalars).
     """
-    if scheme not in VECTOR_INPUT_MODES:
-        raise ValueError(f"scheme must be one of {sorted(VECTOR_INPUT_MODES)}, not {scheme!r}")
+    scheme = get_scheme(scheme)
+    observers = scheme.layer_factory(activation_bits=activation_bits)
     _, qmax = qrange(activation_bits, signed=True)
-    with torch.random.fork_rng(devices=[]):
-        model = QEqModel(config)
+    model = build_potential(architecture, config)
     for path, module in list(model.named_modules()):
         parent_path, name = _split(path)
         parent = model.get_submodule(parent_path)
@@ -304,16 +272,10 @@ def int8_model_skeleton(config: ModelConfig, scheme: str = "full", activation_bi
             new = Int8ScalarLinear(module.in_features, module.out_features, module.bias is not None,
                                    input_qmax=qmax, backend=backend, backward=backward)
         elif isinstance(module, VectorLinear):
-            new = Int8VectorLinear(module.in_features, module.out_features, VECTOR_INPUT_MODES[scheme],
+            new = Int8VectorLinear(module.in_features, module.out_features, scheme.vector_input_mode,
                                    input_qmax=qmax, backend=backend, backward=backward)
         elif isinstance(module, FeatureObserver) and path in float_observers:
-            if module.kind == "vector" and scheme == "full":
-                new = MDDQQuantizer(activation_bits, branch="vector")
-            elif module.kind == "vector":
-                new = NaiveQuantizer(activation_bits, branch="vector")
-            else:
-                new = LSQQuantizer(activation_bits, signed=True, branch="scalar")
-            new = _frozen_copy(new)
+            new = _frozen_copy(observers.observer(module.kind, module.num_features))
         else:
             continue
         setattr(parent, name, new)
@@ -321,10 +283,9 @@ def int8_model_skeleton(config: ModelConfig, scheme: str = "full", activation_bi
     return model.eval()
 
 
-def _observer_paths(config: ModelConfig, state_dict: dict) -> tuple[str, ...]:
+def _observer_paths(config: ModelConfig, state_dict: dict, architecture: str) -> tuple[str, ...]:
     """Observers that the state dict holds a step for (the float quantizers kept)."""
-    with torch.random.fork_rng(devices=[]):
-        reference = QEqModel(config)
+    reference = build_potential(architecture, config)
     return tuple(path for path, m in reference.named_modules() if isinstance(m, FeatureObserver)
                  and (f"{path}.step" in state_dict or f"{path}.magnitude.step" in state_dict))
 
@@ -348,16 +309,17 @@ def _check_int8_tensors(model: QEqModel, state_dict: dict) -> None:
             raise ValueError(f"{path}.input_step must be a finite positive step, got {float(step)}")
 
 
-def build_int8_model(config: ModelConfig, state_dict: dict, scheme: str = "full", activation_bits: int = 8,
-                     backend: str = "auto", backward: str = "auto") -> QEqModel:
+def build_int8_model(config: ModelConfig, state_dict: dict, scheme: str | QuantScheme = "full",
+                     activation_bits: int = 8, backend: str = "auto", backward: str = "auto",
+                     architecture: str = QEqModel.architecture) -> Potential:
     """Rebuild an int8 model from its config and :func:`int8_state_dict` (no QAT model needed).
 
     ``scheme`` and ``activation_bits`` are those of ``metadata["quantization"]`` (the state
     dict cannot tell the vector input grid of the two schemes apart). Raises ``ValueError``
     for a state dict that does not fit (missing or extra keys, float codes, bad scales).
     """
-    model = int8_model_skeleton(config, scheme, activation_bits, _observer_paths(config, state_dict),
-                                backend, backward)
+    model = int8_model_skeleton(config, scheme, activation_bits, _observer_paths(config, state_dict, architecture),
+                                backend, backward, architecture)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as err:

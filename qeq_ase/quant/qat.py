@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..model.layers import LayerFactory, ScalarLinear, VectorLinear
+from ..model.potential import build_potential
 from .quantizers import (BRANCHES, LSQQuantizer, MDDQQuantizer, NaiveQuantizer, fake_quantize_per_atom,
                          fake_quantize_weight)
 
@@ -172,8 +173,6 @@ class NaiveQATLayerFactory(QATLayerFactory):
         return NaiveQuantizer(self.activation_bits, branch="vector")
 
 
-SCHEMES = {"full": QATLayerFactory, "naive": NaiveQATLayerFactory}
-
 
 def link_observers(model: nn.Module) -> list[tuple[str, str]]:
     """Let observers quantize the inputs of the linears they feed (:data:`OBSERVER_FEEDS`).
@@ -288,28 +287,50 @@ def _quantizer_keys(model: nn.Module) -> set[str]:
     return {f"{name}.step" if name else "step" for name, m in model.named_modules() if isinstance(m, LSQQuantizer)}
 
 
-def build_qat_model(config, scheme: str = "full", weight_bits: int = 8, activation_bits: int = 8):
-    """A QAT :class:`qeq_ase.model.network.QEqModel` for ``config`` (a ``ModelConfig``), observers linked."""
-    from ..model.network import QEqModel
+def build_qat_model(config, scheme="full", weight_bits: int = 8, activation_bits: int = 8,
+                    architecture: str = "qeq-transformer"):
+    """A QAT model of ``architecture`` (:mod:`qeq_ase.model.potential`) for ``config``, observers
+    linked; ``scheme`` is a name or a :class:`qeq_ase.quant.schemes.QuantScheme`, recorded in
+    ``model.quantization_scheme`` (its name)."""
+    from .schemes import get_scheme  # schemes.py holds this module's factories
 
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {sorted(SCHEMES)}, not {scheme!r}")
-    model = QEqModel(config, factory=SCHEMES[scheme](weight_bits, activation_bits))
+    scheme = get_scheme(scheme)
+    model = build_potential(architecture, config, scheme.layer_factory(weight_bits, activation_bits))
+    model.quantization_scheme = scheme.name
     link_observers(model)
     return model
 
 
+def qat_scheme(model: nn.Module) -> tuple[str, int, int]:
+    """``(scheme, activation_bits, weight_bits)`` of a QAT model: the scheme it was built with,
+    checked against its layers; ValueError if it has none, or layers that do not fit it."""
+    from .schemes import get_scheme
+
+    layers = [m for m in model.modules() if isinstance(m, (QATScalarLinear, QATVectorLinear))]
+    name = getattr(model, "quantization_scheme", None)
+    if not layers or name is None:
+        raise ValueError("not a QAT model: build it with qat.convert_to_qat or qat.build_qat_model")
+    factory = get_scheme(name).qat_factory
+    bits = {(m.activation_bits, m.weight_bits) for m in layers}
+    fits = all(m.per_channel == factory.per_channel for m in layers) and all(
+        m.requantize_per_atom == factory.requantize_per_atom for m in layers if isinstance(m, QATVectorLinear))
+    if len(bits) != 1 or not fits:
+        raise ValueError(f"the QAT layers do not all follow the {name!r} scheme it was built with (bits "
+                         f"{sorted(bits)}, per-channel weights, per-atom vector grid)")
+    (activation_bits, weight_bits), = bits
+    return name, activation_bits, weight_bits
+
+
 def convert_to_qat(float_model: nn.Module, scheme: str = "full", scalar: bool = True, vector: bool = True,
                    weight_bits: int = 8, activation_bits: int = 8):
-    """The QAT twin of a float :class:`qeq_ase.model.network.QEqModel`: same config, its weights loaded.
+    """The QAT twin of a float model (:class:`~qeq_ase.model.potential.Potential`): same
+    architecture and config, its weights loaded.
 
     Quantizer steps start uninitialised (see :func:`calibration`). The result is on the
     float model's device and dtype and in its train/eval mode.
     """
-    from ..model.network import ModelConfig
-
-    config = ModelConfig.from_dict(float_model.config.to_dict())
-    model = build_qat_model(config, scheme, weight_bits, activation_bits)
+    config = type(float_model.config).from_dict(float_model.config.to_dict())
+    model = build_qat_model(config, scheme, weight_bits, activation_bits, float_model.architecture)
     reference = next(float_model.parameters())
     model.to(device=reference.device, dtype=reference.dtype)
     missing, unexpected = model.load_state_dict(float_model.state_dict(), strict=False)

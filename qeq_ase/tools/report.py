@@ -32,7 +32,7 @@ from ..data.dataset import RMD17_MOLECULES, file_sha256, load_rmd17, rmd17_path
 from ..io.checkpoint import read_potential_file
 from ..io.registry import potentials_dir
 from ..kernels.cpu_features import cpu_model_name
-from ..kernels.edge_kernel import edge_backend
+from ..kernels.edge_kernel import default_edge_backend, resolve_edge_backend
 from ..quant.int8_kernels import resolve_gemm
 from .published_rmd17 import PUBLISHED_RMD17, SOURCE
 
@@ -44,7 +44,8 @@ def default_settings(nve_ps: float = 1.0, threads: int = 1) -> dict:
     """What a measurement depends on besides the potential file (part of the cache key)."""
     return {"report_version": REPORT_VERSION, "lee_frames": 5, "lee_rotations": 4, "nve_ps": nve_ps,
             "nve_timestep_fs": 0.5, "nve_warmup_fs": 200.0, "temperature_K": 300.0, "speed_calls": 40,
-            "threads": threads, "torch": str(torch.__version__), "edge_kernel": edge_backend()}
+            "threads": threads, "torch": str(torch.__version__),
+            "edge_kernel": resolve_edge_backend(default_edge_backend())}
 
 
 def time_calculator(path: Path, atoms: Atoms, calls: int, seed: int = 0) -> float:

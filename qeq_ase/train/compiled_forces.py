@@ -22,7 +22,7 @@ import torch
 from torch.func import functional_call
 
 from ..model.attention import scatter_sum
-from ..model.network import QEqModel
+from ..model.potential import Potential
 
 
 @torch.library.custom_op("qeq_ase::index_add", mutates_args=())
@@ -96,7 +96,7 @@ class CompiledEnergyForces:
     to run the traced graph as it is (eager aten ops, no compile time; for tests).
     """
 
-    def __init__(self, model: QEqModel, backend: str | None = "inductor"):
+    def __init__(self, model: Potential, backend: str | None = "inductor"):
         self.model, self.backend = model, backend
         self._names = [name for name, _ in model.named_parameters()]
         self._fn: Callable | None = None

@@ -10,10 +10,10 @@ import torch
 from ..cli.args import ArgumentParser, positive_int, user_errors
 from ..data.dataset import Frames, load_frames
 from ..data.graph import molecules_to_graph
-from ..model.network import QEqModel
+from ..model.potential import Potential
 
 
-def predict_frames(model: QEqModel, frames: Frames, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def predict_frames(model: Potential, frames: Frames, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Predicted energies (eV ``[n_frames]``) and forces (eV/Å ``[n_frames, n_atoms, 3]``)."""
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
@@ -42,7 +42,7 @@ def error_metrics(frames: Frames, energy: np.ndarray, forces: np.ndarray) -> dic
     }
 
 
-def evaluate(model: QEqModel, frames: Frames, batch_size: int = 32) -> dict[str, float]:
+def evaluate(model: Potential, frames: Frames, batch_size: int = 32) -> dict[str, float]:
     """Errors of ``model`` on ``frames``; see :func:`error_metrics`."""
     energy, forces = predict_frames(model, frames, batch_size)
     return error_metrics(frames, energy, forces)

@@ -40,7 +40,7 @@ from ..data.dataset import Frames, load_frames, train_val_split
 from ..data.energy_reference import fit_reference_energies
 from ..data.graph import molecules_to_graph
 from ..io.checkpoint import load_potential_file, save_potential
-from ..model.network import ModelConfig, QEqModel
+from ..model.potential import Potential, build_potential
 from .evaluate import evaluate
 
 #: Files of a run in its output folder that a new run would replace or append to.
@@ -68,7 +68,8 @@ class TrainConfig:
     n_train: int | None = None                          # None: every frame not used for validation
     split_seed: int = 0
     seed: int = 0
-    model: dict = field(default_factory=dict)          # ModelConfig fields; species from the data
+    architecture: str = "qeq-transformer"               # a name of qeq_ase.model.potential.ARCHITECTURES
+    model: dict = field(default_factory=dict)          # its config's fields; species from the data
     batch_size: int = 8
     lr: float = 1e-3
     min_lr: float = 1e-6
@@ -231,10 +232,10 @@ class Trainer:
             if self.quant:
                 self.model = self._to_qat(self.model)
         else:
-            model_cfg = ModelConfig.from_dict({"species": sorted(set(frames.numbers.tolist())), **cfg.model})
+            model_cfg = {"species": sorted(set(frames.numbers.tolist())), **cfg.model}
             with torch.random.fork_rng(devices=[]):  # seeded initial weights, the caller's RNG untouched
                 torch.manual_seed(cfg.seed)
-                self.model = QEqModel(model_cfg)
+                self.model = build_potential(cfg.architecture, model_cfg)
             self._set_energy_statistics(self.train)
         self.model.to(self.device)
         self.ema = EMA(self.model, cfg.ema_decay)
@@ -259,7 +260,7 @@ class Trainer:
 
         return CompiledEnergyForces(self.model)
 
-    def _to_qat(self, float_model: QEqModel) -> QEqModel:
+    def _to_qat(self, float_model: Potential) -> Potential:
         """The QAT twin of ``float_model`` with its activation steps calibrated on float batches."""
         from ..quant.qat import calibration, convert_to_qat, quantizer_parameters, set_activation_limbs, widen_activation_steps
 
@@ -316,7 +317,7 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no checkpoint at {path}; start a new run (--overwrite if the "
                                     "folder holds other files of a run)")
         state = torch.load(path, map_location=self.device, weights_only=True)
-        if ModelConfig.from_dict(state["model_config"]) != self.model.config:
+        if type(self.model.config).from_dict(state["model_config"]) != self.model.config:
             raise ValueError(f"{path} was written for model {state['model_config']}, not {self.model.config}")
         self.model.load_state_dict(state["model"])
         self.ema.model.load_state_dict(state["ema"])
@@ -333,7 +334,7 @@ class Trainer:
             p = max(p, self.elapsed_s / (60.0 * self.cfg.time_budget_min))
         return p
 
-    def _batch(self, frames: Frames, index: np.ndarray, model: QEqModel | None = None):
+    def _batch(self, frames: Frames, index: np.ndarray, model: Potential | None = None):
         model = model or self.model
         graph = molecules_to_graph([frames.numbers] * len(index), list(frames.positions[index]),
                                    model.config.cutoff, torch.float32, self.device, centre=True)
