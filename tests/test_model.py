@@ -186,7 +186,6 @@ def test_linear_layers_follow_every_weight_update():
 
 
 def test_potential_files_name_their_architecture(tmp_path, monkeypatch):
-    from qeq_ase.io import checkpoint
     from qeq_ase.model import potential
     from qeq_ase.quant.int8_model import convert_to_int8
     from qeq_ase.quant.qat import calibration, convert_to_qat
@@ -207,7 +206,6 @@ def test_potential_files_name_their_architecture(tmp_path, monkeypatch):
         architecture = "qeq-transformer-variant"
 
     monkeypatch.setattr(potential, "ARCHITECTURES", dict(potential.ARCHITECTURES))
-    monkeypatch.setattr(checkpoint, "ARCHITECTURES", potential.ARCHITECTURES)
     potential.register_architecture(ModelConfig, Variant)
     variant = Variant(model.config)
     variant.load_state_dict(model.state_dict())

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from ..model.network import QEqModel
-from ..model.potential import ARCHITECTURES, Potential, architecture_classes, build_potential
+from ..model.potential import Potential, architecture_classes, build_potential
 
 FORMAT_NAME = "qeq-ase-potential"
 FORMAT_VERSION = 2
@@ -192,10 +192,12 @@ def load_potential_file(path: str | os.PathLike, device: str | torch.device = "c
     if precision != "fp32" and not (isinstance(quant, dict) and "scheme" in quant):
         raise PotentialFileError(f"{path} is a {precision} potential without metadata['quantization']['scheme']")
     architecture = payload.get("architecture", QEqModel.architecture)
-    if architecture not in ARCHITECTURES:
-        raise PotentialFileError(f"{path} holds a {architecture!r} model; this qeq-ase knows {sorted(ARCHITECTURES)}")
     try:
-        config = architecture_classes(architecture)[0].from_dict(payload["model_config"])
+        config_class, _ = architecture_classes(architecture)
+    except ValueError as err:
+        raise PotentialFileError(f"{path} holds a {architecture!r} model; {err}") from err
+    try:
+        config = config_class.from_dict(payload["model_config"])
         if precision == "int8":
             from ..quant.int8_model import build_int8_model, set_activation_limbs
 

@@ -74,7 +74,7 @@ def register_architecture(config_class: type, model_class: type) -> None:
 def architecture_classes(name: str) -> tuple[type, type]:
     """``(config class, model class)`` of a registered architecture; ValueError naming the known ones."""
     if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; this qeq-ase knows {sorted(ARCHITECTURES)}")
+        raise ValueError(f"this qeq-ase knows {sorted(ARCHITECTURES)}, not {name!r}")
     return ARCHITECTURES[name]
 
 
