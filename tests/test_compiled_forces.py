@@ -57,3 +57,20 @@ def test_traced_force_graph_matches_eager_double_backward_in_float64():
 @pytest.mark.slow
 def test_inductor_compiled_force_graph_matches_eager_in_float64():
     _compare(backend="inductor", dtype=torch.float64, rtol=1e-9)
+
+
+def test_a_first_batch_with_as_many_atoms_as_features_does_not_fix_the_atom_count():
+    """Traced on 16 atoms with 16 features (salicylic acid: 8 x 16 atoms, F = 128), the graph
+    must still serve batches of other sizes."""
+    model = tiny_model(torch.float64, reference_energy=False)
+    assert model.config.num_features == 16
+    compiled = CompiledEnergyForces(model, backend=None)
+    rng = np.random.default_rng(5)
+    for n_atoms in (16, 17, 9):
+        graph = molecules_to_graph([rng.choice([1, 6, 8], n_atoms)], [rng.uniform(0, 4, (n_atoms, 3))], 5.0,
+                                   torch.float64, centre=True)
+        species = model.species_index(graph.numbers)
+        eager = model.energy_and_forces(graph.positions, species, graph.edge_index, graph.batch, graph.num_graphs,
+                                        training=True)
+        fast = compiled(graph.positions, species, graph.edge_index, graph.batch, graph.num_graphs)
+        torch.testing.assert_close(fast["forces"], eager["forces"], rtol=1e-10, atol=0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.fx.experimental._config
 from torch.func import functional_call
 
 from ..model.attention import scatter_sum
@@ -114,8 +115,12 @@ class CompiledEnergyForces:
         def energy_forces(params, positions, species, edge_index):  # make_fx wants a plain function
             return self._energy_forces(params, positions, species, edge_index)
 
-        traced = make_fx(energy_forces, tracing_mode="symbolic", _allow_non_fake_inputs=True)(
-            [p.detach() for p in params], positions.detach().requires_grad_(True), species, edge_index)
+        # No duck sizing: by default equal sizes share one symbol, so a first batch of as many atoms
+        # as the model has features (salicylic acid: batches of 8 x 16 atoms, F = 128) fixed the atom count
+        # of every later batch ("shape '[384, 128]' is invalid").
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            traced = make_fx(energy_forces, tracing_mode="symbolic", _allow_non_fake_inputs=True)(
+                [p.detach() for p in params], positions.detach().requires_grad_(True), species, edge_index)
         _drop_detaches(traced)
         _opaque_index_add(traced)
         if self.backend is None:
