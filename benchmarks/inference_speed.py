@@ -12,7 +12,7 @@ the others use the default GEMM, oneDNN's brgemm micro-kernel on AMX CPUs and ``
 elsewhere (``qeq_ase.quant.int8_kernels``).
 
     PYTHONPATH=. python benchmarks/inference_speed.py [--fp32 aspirin_fp32] [--int8 aspirin_int8]
-        [--threads 1 2] [--systems 1 64 476] [--seconds 3] [--op-table K]
+        [--threads 1 2] [--systems 1 64 476] [--seconds 3] [--op-table K] [--memory]
 
 Systems are copies of rMD17 aspirin frame 0 on a cubic grid 20 Å apart (far beyond the 5 Å
 cutoff, so every copy is an isolated molecule): 1 copy = 21 atoms, 64 = 1,344, 476 = 9,996.
@@ -22,6 +22,8 @@ round by round, and the median per call is reported; ratios are fp32 time / othe
 so > 1 means faster than fp32. A torch.profiler pass per system and precision gives the
 share of self CPU time spent in matrix products (``aten::mm``/``addmm``/``bmm``/
 ``linear``/``_int_mm`` and the INT8 layers' own ops) — the part int8 can speed up.
+``--memory`` adds the growth of the peak resident memory during one call on each system, for
+fp32, bf16 and INT8, each in a fresh process after a one-copy warm-up (one thread).
 
 fp32 and INT8 load the shipped files: the same architecture, the INT8 weights being the
 quantization-aware fine-tune of the fp32 ones. bf16 is the fp32 model under
@@ -38,7 +40,10 @@ from __future__ import annotations
 
 import argparse
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -114,6 +119,37 @@ def profile_shares(calc: QEqCalculator, atoms: Atoms, autocast: bool, top_ops: i
     return gemm / total, edge / total, top
 
 
+def peak_rss_kb() -> int:
+    """This process's peak resident memory in kB: ``VmHWM`` (Linux; reset by exec, unlike
+    ``ru_maxrss``, which a child inherits from its parent), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_memory_mb(model: str, n_copies: int, autocast: bool, default_malloc: bool) -> float:
+    """Growth of the peak resident memory (MB) of one energy + forces call on ``n_copies``
+    aspirins, measured in a fresh process (the peak only grows) after a one-copy warm-up."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import inference_speed as b; "
+            f"b.memory_child({model!r}, {n_copies}, {autocast}, {default_malloc})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def memory_child(model: str, n_copies: int, autocast: bool, default_malloc: bool) -> None:
+    torch.set_num_threads(1)
+    if not default_malloc:
+        keep_large_allocations()
+    calc, rng = QEqCalculator(model), np.random.default_rng(0)
+    one_call(calc, copies_of_aspirin(1), rng, autocast)
+    atoms = copies_of_aspirin(n_copies)
+    before = peak_rss_kb()
+    one_call(calc, atoms, rng, autocast)
+    print((peak_rss_kb() - before) / 1024)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fp32", default="aspirin_fp32")
@@ -125,6 +161,8 @@ def main() -> None:
                         help="do not call qeq_ase.kernels.glibc_malloc.keep_large_allocations (large calls then page-fault)")
     parser.add_argument("--op-table", type=int, default=0, metavar="K",
                         help="also print the K ops with the most self CPU time (ms per call) of fp32 and int8")
+    parser.add_argument("--memory", action="store_true",
+                        help="also print the peak memory of one call per system (fp32, bf16, int8; fresh processes)")
     args = parser.parse_args()
     tuned = False if args.default_malloc else keep_large_allocations()
 
@@ -171,6 +209,13 @@ def main() -> None:
             for name in ("fp32", "int8") if args.op_table else ():
                 print(f"  {len(atoms)} atoms, {threads} thread(s), {name}, self CPU ms per call: "
                       + ", ".join(f"{op} {ms:.1f}" for op, ms in shares[name][2]), flush=True)
+    if args.memory:
+        print("\n| atoms | growth of peak memory in one call, MB (kB per atom): fp32 | bf16 | int8 |\n|---|---|---|---|")
+        for n_copies in args.systems:
+            mb = [peak_memory_mb(model, n_copies, autocast, args.default_malloc)
+                  for model, autocast in ((args.fp32, False), (args.fp32, True), (args.int8, False))]
+            n_atoms = len(copies_of_aspirin(n_copies))
+            print(f"| {n_atoms} | " + " | ".join(f"{m:.1f} ({1024 * m / n_atoms:.0f})" for m in mb) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Loads an INT8 potential three times with different input-gradient GEMMs
 (:func:`qeq_ase.quant.int8_model.set_backward_kernel`): ``float`` (fp32 GEMMs, exact for the
-straight-through gradient), ``auto`` (the default: int8 GEMMs on the int8 gradient codes the
-edge kernel writes for the edge filters, fp32 elsewhere) and ``int8`` (every one int8), and
+straight-through gradient), ``auto`` (the default: with two-limb inputs, int8 GEMMs in every
+layer where the GEMM is brgemm or an exact ``_int_mm``, the edge filters' on the gradient codes the
+edge kernel writes; elsewhere int8 only in the filters) and ``int8`` (every one int8), and
 measures for each: force and energy MAE on the first test frames, LEE (as ``qeq-report``:
 5 test frames x 4 random rotations) and the NVE drift of ``qeq-report`` (200 fs Langevin at
 300 K, then velocity Verlet, 0.5 fs).

@@ -4,7 +4,9 @@ Each call moves the atoms by a small random displacement, so ASE's cache never a
 and every call runs the neighbour list, the network and the backward pass. For comparison
 the script also times ``model.energy_and_forces`` alone on a prepared graph: the
 difference is the calculator's per-call overhead (ASE bookkeeping, tensor conversion,
-neighbour list).
+neighbour list), and a call that ASE answers from its cache (the atoms did not move, as for
+the second and later force requests of an MD step): its cost is the calculator's state check,
+timed with :meth:`QEqCalculator.check_state` and with ASE's own.
 
     OMP_NUM_THREADS=1 python md_examples/profile_calculator.py --model aspirin_fp32 --threads 1
     python md_examples/profile_calculator.py --model aspirin_int8 --threads 1 --profile   # where the time goes
@@ -20,11 +22,13 @@ import argparse
 import os
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
 import torch
 from ase import Atoms
+from ase.calculators.calculator import Calculator
 
 from qeq_ase.calculator import QEqCalculator
 from qeq_ase.io.checkpoint import save_potential
@@ -88,9 +92,14 @@ def main() -> None:
 
     calls_per_s = time_calls(calculator_call, args.calls)
     model_calls_per_s = time_calls(model_call, args.calls)
+    cached_us = 1e6 / time_calls(atoms.get_forces, 20 * args.calls)
+    calc.check_state = types.MethodType(Calculator.check_state, calc)  # ASE's compare_atoms
+    ase_cached_us = 1e6 / time_calls(atoms.get_forces, 20 * args.calls)
+    del calc.check_state
     print(f"model {args.model} ({args.dtype}, {args.device}, {torch.get_num_threads()} thread(s)), "
           f"{len(atoms)} atoms: calculator {calls_per_s:.1f} calls/s ({1e3 / calls_per_s:.2f} ms/call); "
-          f"model alone {model_calls_per_s:.1f} calls/s ({1e3 / model_calls_per_s:.2f} ms/call)")
+          f"model alone {model_calls_per_s:.1f} calls/s ({1e3 / model_calls_per_s:.2f} ms/call); "
+          f"answered from the cache {cached_us:.1f} us/call ({ase_cached_us:.1f} us with ASE's state check)")
     if args.profile:
         print_profile(calculator_call, min(args.calls, 50))
 

@@ -40,6 +40,7 @@ import os
 
 import numpy as np
 import torch
+from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 from ase.data import chemical_symbols
 
@@ -93,6 +94,23 @@ def resolve_model(model: str | os.PathLike | Potential, device: str | torch.devi
     built, metadata = load_model(model, device=device, dtype=dtype)
     built.requires_grad_(False)  # our own copy: autograd then tracks positions only (faster)
     return built, metadata, dtype, str(model)
+
+
+def unchanged(previous: Atoms, atoms: Atoms, ignored: set[str]) -> bool:
+    """Whether every property ASE's ``compare_atoms`` checks (but ``ignored``) is exactly equal.
+
+    True implies what ASE's check would find (no change), at a fraction of its cost: ASE runs
+    ``np.allclose`` once per property, and an MD step asks several times about atoms that did
+    not move (``md_examples/profile_calculator.py`` times both checks).
+    """
+    checked = set(all_changes) - ignored
+    for name, a, b in (("cell", previous.cell.array, atoms.cell.array), ("pbc", previous.pbc, atoms.pbc)):
+        if name in checked and not np.array_equal(a, b):
+            return False
+    names = checked & set(previous.arrays)
+    if names != checked & set(atoms.arrays):
+        return False
+    return all(np.array_equal(previous.arrays[name], atoms.arrays[name]) for name in names)
 
 
 def species_names(species: list[int]) -> str:
@@ -164,6 +182,13 @@ class QEqCalculator(Calculator):
 
     def todict(self) -> dict:
         return {"model": self.model_label, "device": str(self.device), "dtype": str(self.dtype).split(".")[-1]}
+
+    def check_state(self, atoms: Atoms, tol: float = 1e-15) -> list[str]:
+        """ASE's check (``ase.calculators.calculator.compare_atoms``), answered at once when
+        nothing changed at all (:func:`unchanged`)."""
+        if self.atoms is not None and unchanged(self.atoms, atoms, set(self.ignored_changes)):
+            return []
+        return super().check_state(atoms, tol)
 
     def _species_for(self, numbers: np.ndarray) -> torch.Tensor:
         """Embedding rows of ``numbers``; cached while the atomic numbers stay the same."""

@@ -69,6 +69,43 @@ def test_caching_follows_check_state(tiny_potential_path, aspirin, monkeypatch):
     assert len(calls) == 2
 
 
+def test_check_state_agrees_with_ase(tiny_potential_path, aspirin):
+    """The fast path (nothing changed) gives what ASE's ``compare_atoms`` gives, in every case."""
+    from ase.calculators.calculator import compare_atoms
+
+    calc = QEqCalculator(tiny_potential_path)
+    aspirin.calc = calc
+    aspirin.get_forces()
+
+    def variants():
+        yield aspirin.copy()
+        moved = aspirin.copy()
+        moved.positions[3, 1] += 1e-16  # within ASE's tolerance: no change
+        yield moved
+        moved = aspirin.copy()
+        moved.positions[3, 1] += 1e-3
+        yield moved
+        yield aspirin.copy()[::-1]
+        charged = aspirin.copy()
+        charged.set_initial_charges(np.ones(len(charged)))
+        yield charged
+        boxed = aspirin.copy()
+        boxed.cell = [20.0, 20.0, 20.0]
+        yield boxed
+        periodic = boxed.copy()
+        periodic.pbc = True
+        yield periodic
+        moving = aspirin.copy()
+        moving.set_momenta(np.ones((len(moving), 3)))  # not a property ASE checks
+        yield moving
+
+    answers = []
+    for atoms in variants():
+        answers.append(calc.check_state(atoms))
+        assert sorted(answers[-1]) == sorted(compare_atoms(calc.atoms, atoms))
+    assert [bool(a) for a in answers] == [False, False, True, True, True, True, True, False]
+
+
 def test_species_index_follows_atomic_numbers(tiny_potential_path, aspirin):
     """The cached species tensor is rebuilt when the atomic numbers change (same count or not)."""
     calc = QEqCalculator(tiny_potential_path, dtype="float64")

@@ -191,6 +191,45 @@ def test_model_energy_and_forces_fused_equal_eager_periodic(monkeypatch, variant
     torch.testing.assert_close(f_fused, f_eager, rtol=0, atol=1e-10)
 
 
+def test_edge_pairs_group_each_edge_with_its_reverse():
+    edge_index = torch.tensor([[1, 0, 2, 0, 2, 1, 3], [0, 1, 0, 2, 1, 2, 0]])  # 3 -> 0 has no reverse
+    pairs = edge_kernel.edge_pairs(edge_index, 4)
+    assert pairs.first.shape == (4,) and torch.equal(pairs.row[pairs.first], torch.arange(4))
+    key = {frozenset(e) for e in edge_index.T.tolist()}
+    assert len(key) == 4
+    for a in range(7):
+        for b in range(7):
+            same = set(edge_index[:, a].tolist()) == set(edge_index[:, b].tolist())
+            assert (pairs.row[a] == pairs.row[b]) == same
+    assert edge_kernel.edge_pairs(edge_index[:, 6:], 4) is None  # no edge shares a pair: nothing to save
+    assert edge_kernel.plan_fused_edges(edge_index, torch.zeros(7, 3), 4, 64)[3] is None  # periodic shifts
+
+
+@pytest.mark.parametrize("variant", [{}, {"attention_normalization": False, "neighbor_embedding": True}],
+                         ids=["cosine", "dot+neighbour-embedding"])
+def test_model_filters_once_per_pair_of_edges_give_the_per_edge_results(monkeypatch, variant):
+    """A molecule (no shifts, one block): the fused path computes the filters once per pair of
+    edges; energy and forces equal those of per-edge filters and of the eager layers, float64."""
+    model = tiny_model(**variant)
+    rng = np.random.default_rng(4)
+    positions = torch.as_tensor(rng.uniform(0, 3.5, (9, 3)))
+    species = model.species_index(torch.as_tensor(rng.choice([1, 6, 8], 9)))
+    from qeq_ase.data.neighbors import molecule_edges
+
+    args = (positions, species, molecule_edges(positions, model.config.cutoff), torch.zeros(9, dtype=torch.long), 1)
+    used = []
+    pairs_of = edge_kernel.edge_pairs
+    monkeypatch.setattr(edge_kernel, "edge_pairs", lambda *a: used.append(pairs_of(*a)) or used[-1])
+    e_pairs, f_pairs = _energy_and_forces(model, args, "auto")
+    assert used and used[-1] is not None and 2 * used[-1].first.numel() == args[2].shape[1]
+    monkeypatch.setattr(edge_kernel, "edge_pairs", lambda *a: None)
+    e_edges, f_edges = _energy_and_forces(model, args, "auto")
+    e_eager, f_eager = _energy_and_forces(model, args, "eager")
+    for e, f in ((e_edges, f_edges), (e_eager, f_eager)):
+        torch.testing.assert_close(e_pairs, e, rtol=0, atol=1e-10)
+        torch.testing.assert_close(f_pairs, f, rtol=0, atol=1e-10)
+
+
 def test_training_keeps_the_eager_double_backward():
     """``training=True`` must not route through the once-differentiable kernel."""
     model = tiny_model()

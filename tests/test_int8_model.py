@@ -29,9 +29,10 @@ from qeq_ase.io.checkpoint import (PotentialFileError, load_potential_file, pack
                                    save_potential)
 from qeq_ase.checks.equivariance import check_equivariance
 from qeq_ase.data.graph import molecules_to_graph
+from qeq_ase.kernels import edge_kernel
 from qeq_ase.kernels.cpu_features import int_mm_is_exact
 from qeq_ase.quant.int8_kernels import _brgemm_fits, cpu_has_amx_int8, resolve_gemm
-from qeq_ase.quant.int8_linear import Int8ScalarLinear, Int8VectorLinear
+from qeq_ase.quant.int8_linear import Int8ScalarLinear, Int8VectorLinear, _Int8LinearBase
 from qeq_ase.quant.int8_model import (build_int8_model, convert_to_int8, int8_kernel_report, int8_model_skeleton,
                                       int8_state_dict, set_activation_limbs, set_backward_kernel, set_int8_gemm,
                                       state_dict_nbytes)
@@ -178,16 +179,39 @@ def test_two_limb_int8_backward_gives_the_float_backward_forces(models):
         set_backward_kernel(model, "bf16")
 
 
+def test_auto_backward_runs_the_int8_gemm_with_two_limbs_and_an_exact_int_mm(models, monkeypatch):
+    """``backward="auto"`` with ``_int_mm``: the int8 input-gradient GEMM (two-limb gradient
+    codes) in every layer where ``_int_mm`` is exact (VNNI, AMX), whatever the inputs' limbs;
+    the fp32 GEMM where ``_int_mm`` goes through fp32 (there the quantization pass is pure cost)."""
+    import qeq_ase.quant.int8_linear as int8_linear
+
+    _, _, model = models
+    layers = [m for m in model.modules() if isinstance(m, _Int8LinearBase)]
+    try:
+        set_int8_gemm(set_activation_limbs(set_backward_kernel(model, "auto"), 2), "int_mm")
+        assert all(layer._int8_backward() for layer in layers) == int_mm_is_exact()
+        monkeypatch.setattr(int8_linear, "int_mm_is_exact", lambda: False)
+        assert not any(layer._int8_backward() for layer in layers)
+        monkeypatch.setattr(int8_linear, "int_mm_is_exact", lambda: True)
+        assert all(layer._int8_backward() for layer in layers)
+        set_activation_limbs(model, 1)
+        assert all(layer._int8_backward() for layer in layers)
+    finally:
+        set_activation_limbs(model, 1), set_int8_gemm(model, "auto")
+
+
 @pytest.mark.parametrize("gemm", ["int_mm", "onednn"])
 def test_int8_filter_gradient_goes_from_the_edge_kernel_to_the_int8_gemm_as_codes(models, monkeypatch, gemm):
     """By default (backward "auto") the edge kernel hands the filter gradient to the filter's
-    int8 GEMM as int8 codes; the forces are those of an int8 backward in the filters alone
-    that quantizes the float gradient itself, and within 1e-4 of the float backward's.
-    (With the brgemm GEMM the kernel runs that GEMM itself: the next test.)"""
+    int8 GEMM as int8 codes; the forces are those of an int8 backward (in the filters and
+    wherever "auto" runs it) that quantizes the float gradient itself, and within 1e-4 of the
+    float backward's. (With the brgemm GEMM the kernel runs that GEMM itself: the next test.)"""
     if gemm == "onednn" and not cpu_has_amx_int8():
         pytest.skip("oneDNN's int8 linear needs AMX-INT8 (else a reference kernel)")
     _, _, model = models
     positions = molecules(2, seed=5)
+    # per-edge filters in both paths: the float path would quantize each pair's summed gradient
+    monkeypatch.setattr(edge_kernel, "edge_pairs", lambda *args: None)
     calls = []
     from_codes = Int8ScalarLinear.input_grad_from_codes
     monkeypatch.setattr(Int8ScalarLinear, "input_grad_from_codes",
@@ -197,9 +221,10 @@ def test_int8_filter_gradient_goes_from_the_edge_kernel_to_the_int8_gemm_as_code
         out = predict(model, positions)
         assert calls[::-1] == [layer.edge_filter for layer in model.layers]  # backward: last layer first
         assert "gradient codes" in int8_kernel_report(model)["layers"]["layers.0.edge_filter"]["kernel"]
+        int8_backward = [m for m in model.modules() if isinstance(m, _Int8LinearBase) and m._int8_backward()]
         exact = predict(set_backward_kernel(model, "float"), positions)
-        for layer in model.layers:
-            layer.edge_filter.backward_kernel = "int8"
+        for layer in int8_backward + [layer.edge_filter for layer in model.layers]:
+            layer.backward_kernel = "int8"
         monkeypatch.setattr(Int8ScalarLinear, "takes_gradient_codes", property(lambda self: False))
         ref = predict(model, positions)
     finally:

@@ -18,7 +18,8 @@ on first use (~20-40 s once, then cached); if it cannot be built, ``"auto"`` run
 layer with a warning.
 
 The model hands the kernel its graph through :func:`plan_fused_edges` (edges sorted by
-receiver and cut into blocks) and its edge filters as layers; an int8 filter layer that
+receiver and cut into blocks; for a molecule, the :class:`EdgePairs` that let the radial features
+and filters be computed once per atom pair) and its edge filters as layers; an int8 filter layer that
 implements :class:`GradientCodesFilter` runs as one autograd node with the kernel
 (:func:`filtered_edge_attention`).
 """
@@ -189,6 +190,38 @@ def edge_blocks(edge_index: torch.Tensor, num_nodes: int, row_bytes: int) -> lis
             for b0, b1 in zip(bounds[:-1], bounds[1:]) if b1 > b0]
 
 
+@dataclass(frozen=True)
+class EdgePairs:
+    """The edges grouped by unordered atom pair ``{i, j}``: an edge and its reverse have the same
+    length, so the same radial features and edge filters, which are then computed once per pair.
+
+    ``first [P]``: one edge of each pair; ``row [E]``: the pair of each edge.
+    """
+
+    first: torch.Tensor
+    row: torch.Tensor
+
+    def gather(self, per_pair: torch.Tensor) -> torch.Tensor:
+        """``[P, ...]`` rows, one per pair -> ``[E, ...]``, one per edge."""
+        return per_pair.index_select(0, self.row)
+
+    def sum(self, per_edge: torch.Tensor) -> torch.Tensor:
+        """``[E, ...]`` rows (gradients) -> ``[P, ...]``, summed over each pair's edges."""
+        out = per_edge.new_zeros((self.first.shape[0],) + per_edge.shape[1:])
+        return out.index_add_(0, self.row, per_edge)
+
+
+def edge_pairs(edge_index: torch.Tensor, num_nodes: int) -> EdgePairs | None:
+    """:class:`EdgePairs` of edges without periodic shifts, or None where no two edges share a pair."""
+    sender, receiver = edge_index
+    key = torch.minimum(sender, receiver) * num_nodes + torch.maximum(sender, receiver)
+    unique, row = torch.unique(key, return_inverse=True)
+    if unique.numel() == key.numel():
+        return None
+    first = torch.empty_like(unique).scatter_(0, row, torch.arange(key.numel(), device=key.device))
+    return EdgePairs(first, row)
+
+
 def receiver_order(edge_index: torch.Tensor) -> torch.Tensor | None:
     """The permutation that sorts edges by receiver, or ``None`` if they already are."""
     receiver = edge_index[1]
@@ -197,15 +230,19 @@ def receiver_order(edge_index: torch.Tensor) -> torch.Tensor | None:
     return torch.argsort(receiver, stable=True)
 
 
-def plan_fused_edges(edge_index: torch.Tensor, edge_shift: torch.Tensor | None, num_nodes: int,
-                     row_bytes: int) -> tuple[torch.Tensor, torch.Tensor | None, list[EdgeBlock]]:
-    """The graph as the fused kernel takes it: ``(edge_index, edge_shift, blocks)`` with the
-    edges sorted by receiver and cut into :func:`edge_blocks` (``row_bytes``: one edge's filters)."""
+def plan_fused_edges(edge_index: torch.Tensor, edge_shift: torch.Tensor | None, num_nodes: int, row_bytes: int
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, list[EdgeBlock], EdgePairs | None]:
+    """The graph as the fused kernel takes it: ``(edge_index, edge_shift, blocks, pairs)`` with the
+    edges sorted by receiver and cut into :func:`edge_blocks` (``row_bytes``: one edge's filters),
+    and their :func:`edge_pairs` where the filters are computed once per pair: one block, no
+    periodic shifts (an image pair's shift would have to be matched too)."""
     order = receiver_order(edge_index)
     if order is not None:
         edge_index = edge_index[:, order]
         edge_shift = edge_shift[order] if edge_shift is not None else None
-    return edge_index, edge_shift, edge_blocks(edge_index, num_nodes, row_bytes)
+    blocks = edge_blocks(edge_index, num_nodes, row_bytes)
+    pairs = edge_pairs(edge_index, num_nodes) if edge_shift is None and len(blocks) == 1 else None
+    return edge_index, edge_shift, blocks, pairs
 
 
 def _forward(ctx, qkv, vin, filt, envelope, unit, scale, csr: EdgeCSR, normalize: bool, *extra, **in_kernel):
@@ -265,17 +302,20 @@ class _Int8FilterEdgeAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qkv, vin, edge_features, envelope, unit, scale, csr: EdgeCSR, normalize: bool, layer):
-        ctx.layer = layer
+    def forward(ctx, qkv, vin, edge_features, envelope, unit, scale, csr: EdgeCSR, normalize: bool, layer,
+                pairs: EdgePairs | None):
+        ctx.layer, ctx.pairs = layer, pairs
         ctx.in_kernel = layer.in_kernel_operands()
-        if ctx.in_kernel is not None:
-            return _forward(ctx, qkv, vin, qkv.new_empty(0), envelope, unit, scale, csr, normalize, edge_features,
-                            filter_x=edge_features,
+        if ctx.in_kernel is not None:  # (per edge: the kernel computes the rows it uses)
+            x = edge_features if pairs is None else pairs.gather(edge_features)
+            return _forward(ctx, qkv, vin, qkv.new_empty(0), envelope, unit, scale, csr, normalize, x, filter_x=x,
                             **{k: ctx.in_kernel[k] for k in ("filter_w", "filter_w_scale", "filter_step",
                                                              "filter_qmax")})
         filt, clipped = layer.forward_no_grad(edge_features)
-        return _forward(ctx, qkv, vin, filt, envelope, unit, scale, csr, normalize,
-                        edge_features if clipped else None)
+        if pairs is not None:
+            filt = pairs.gather(filt)
+        clipped_input = None if not clipped else edge_features if pairs is None else pairs.gather(edge_features)
+        return _forward(ctx, qkv, vin, filt, envelope, unit, scale, csr, normalize, clipped_input)
 
     @staticmethod
     @once_differentiable
@@ -287,13 +327,16 @@ class _Int8FilterEdgeAttention(torch.autograd.Function):
                                  tiny=layer.gradient_tiny, filter_mask_x=clipped_input,
                                  **{k: ctx.in_kernel[k] for k in ("filter_w_bwd", "filter_step", "filter_qmax")})
             dqkv, dvin, dfeatures, denv, dunit, dscale, _, _ = grads
-            return dqkv, dvin, dfeatures, denv, dunit, dscale, None, None, None
-        n_edges = ctx.saved_tensors[2].shape[0]
-        grads, (clipped_input,) = _backward(ctx, grad_s, grad_v, n_extra=1, filt_col_scale=layer.weight_scale,
-                                            tiny=layer.gradient_tiny, planar=layer.planar_gradient_codes(n_edges))
-        dqkv, dvin, _, denv, dunit, dscale, codes, code_scale = grads
-        dfeatures = layer.input_grad_from_codes(codes, code_scale, clipped_input) if ctx.needs_input_grad[2] else None
-        return dqkv, dvin, dfeatures, denv, dunit, dscale, None, None, None
+        else:
+            n_edges = ctx.saved_tensors[2].shape[0]
+            grads, (clipped_input,) = _backward(ctx, grad_s, grad_v, n_extra=1, filt_col_scale=layer.weight_scale,
+                                                tiny=layer.gradient_tiny, planar=layer.planar_gradient_codes(n_edges))
+            dqkv, dvin, _, denv, dunit, dscale, codes, code_scale = grads
+            dfeatures = (layer.input_grad_from_codes(codes, code_scale, clipped_input) if ctx.needs_input_grad[2]
+                         else None)
+        if dfeatures is not None and ctx.pairs is not None:
+            dfeatures = ctx.pairs.sum(dfeatures)
+        return dqkv, dvin, dfeatures, denv, dunit, dscale, None, None, None, None
 
 
 def edge_attention(qkv: torch.Tensor, vin: torch.Tensor, filt: torch.Tensor, envelope: torch.Tensor,
@@ -313,11 +356,13 @@ def edge_attention(qkv: torch.Tensor, vin: torch.Tensor, filt: torch.Tensor, env
 
 def filtered_edge_attention(qkv: torch.Tensor, vin: torch.Tensor, edge_features: torch.Tensor,
                             filter_layer: torch.nn.Module, envelope: torch.Tensor, unit: torch.Tensor,
-                            scale: torch.Tensor, csr: EdgeCSR, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`edge_attention` with ``filt = filter_layer(edge_features)``.
+                            scale: torch.Tensor, csr: EdgeCSR, normalize: bool, pairs: EdgePairs | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`edge_attention` with ``filt = filter_layer(edge_features)``; with ``pairs`` the
+    features (and the filter GEMM) have one row per pair of edges, gathered for the kernel.
 
     If the filter layer is a :class:`GradientCodesFilter` that takes its input gradient as int8
-    codes now (an int8 layer with two-limb inputs and ``backward="auto"``, the default, or
+    codes now (an int8 layer with static inputs and ``backward="auto"``, the default, or
     ``"int8"``; :mod:`qeq_ase.quant.int8_linear`) and the inputs are float32, the filter GEMM
     and the kernel run as one autograd node whose backward feeds the kernel's int8 filter
     gradient to the layer's int8 GEMM (:class:`_Int8FilterEdgeAttention`).
@@ -326,5 +371,7 @@ def filtered_edge_attention(qkv: torch.Tensor, vin: torch.Tensor, edge_features:
             and qkv.dtype == torch.float32
             and vin.dtype == torch.float32 and edge_features.dtype == torch.float32):
         args = [t.contiguous() for t in (qkv, vin, edge_features, envelope.float(), unit.float(), scale.float())]
-        return _Int8FilterEdgeAttention.apply(*args, csr, normalize, filter_layer)
-    return edge_attention(qkv, vin, filter_layer(edge_features), envelope, unit, scale, csr, normalize)
+        return _Int8FilterEdgeAttention.apply(*args, csr, normalize, filter_layer, pairs)
+    filt = filter_layer(edge_features)
+    return edge_attention(qkv, vin, filt if pairs is None else pairs.gather(filt), envelope, unit, scale, csr,
+                          normalize)

@@ -34,7 +34,7 @@ import math
 import torch
 from torch import nn
 
-from ..kernels.edge_kernel import EdgeBlock, filtered_edge_attention
+from ..kernels.edge_kernel import EdgeBlock, EdgePairs, filtered_edge_attention
 from ..kernels.node_update import node_update
 from .layers import LayerFactory
 
@@ -112,16 +112,19 @@ class EquivariantAttention(nn.Module):
             return cos * self.logit_scale()
         return (q * k).sum(-1) / math.sqrt(q.shape[-1])
 
-    def forward(self, s, v, edge_index, edge_features, envelope, unit, blocks: list[EdgeBlock] | None = None):
+    def forward(self, s, v, edge_index, edge_features, envelope, unit, blocks: list[EdgeBlock] | None = None,
+                pairs: EdgePairs | None = None):
         F = self.num_features
         s_in = self.scalar_in(self.norm(s))
         v_in = self.vector_in(v)
         qkv = self.qkv(s_in)
         vm = self.vector_mix(v_in)
         if blocks and self.activation == "softmax":  # (no edges at all: the eager ops, on empty tensors)
-            agg_s, agg_v = self._fused_messages(qkv, v_in, edge_features, envelope, unit, blocks)
+            agg_s, agg_v = self._fused_messages(qkv, v_in, edge_features, envelope, unit, blocks, pairs)
         else:
-            agg_s, agg_v = self._messages(qkv, v_in, self.edge_filter(edge_features), edge_index, envelope, unit)
+            filt = self.edge_filter(edge_features)
+            filt = filt if pairs is None else pairs.gather(filt)
+            agg_s, agg_v = self._messages(qkv, v_in, filt, edge_index, envelope, unit)
         o = self.out(self.scalar_out(agg_s))
         if blocks is not None:  # the fused inference path: one C++ pass (qeq_ase/kernels/node_update.py)
             s, v = node_update(s, v, vm, o, agg_v)
@@ -133,9 +136,15 @@ class EquivariantAttention(nn.Module):
             s = s + self.ffn_out(nn.functional.silu(self.ffn_hidden(self.ffn_in(self.ffn_norm(s)))))
         return s, v
 
-    def _fused_messages(self, qkv, v_in, edge_features, envelope, unit, blocks: list[EdgeBlock]):
-        """The fused kernel, block by block of edges (the edge GEMM too, so no [E, 4F] tensor is whole)."""
+    def _fused_messages(self, qkv, v_in, edge_features, envelope, unit, blocks: list[EdgeBlock],
+                        pairs: EdgePairs | None = None):
+        """The fused kernel, block by block of edges (the edge GEMM too, so no [E, 4F] tensor is whole);
+        with ``pairs`` (one block) ``edge_features`` has one row per pair of edges."""
         scale = self.logit_scale()
+        if pairs is not None:
+            agg_s, agg_v = filtered_edge_attention(qkv, v_in, edge_features, self.edge_filter, envelope, unit, scale,
+                                                   blocks[0].csr, self.normalize, pairs)
+            return agg_s.to(qkv.dtype), agg_v.to(v_in.dtype)
         agg_s = agg_v = None
         for block in blocks:
             e = block.edges

@@ -161,10 +161,11 @@ class QEqModel(nn.Module):
         ``fused=True`` runs the layers' per-edge work in the fused C++ kernel
         (:mod:`qeq_ase.kernels.edge_kernel`: CPU, first-order gradients only).
         """
-        blocks = None
+        blocks = pairs = None
         if fused:
             row_bytes = 4 * self.config.num_features * positions.element_size()  # one edge's filters
-            edge_index, edge_shift, blocks = plan_fused_edges(edge_index, edge_shift, positions.shape[0], row_bytes)
+            edge_index, edge_shift, blocks, pairs = plan_fused_edges(edge_index, edge_shift, positions.shape[0],
+                                                                     row_bytes)
         sender, receiver = edge_index
         vec = torch.index_select(positions, 0, sender) - torch.index_select(positions, 0, receiver)
         if edge_shift is not None:
@@ -173,14 +174,16 @@ class QEqModel(nn.Module):
         unit = vec / r[:, None]
         envelope = cosine_cutoff(r, self.config.cutoff)
         basis = self.radial_basis(r)
-        edge_features = nn.functional.silu(self.radial_embedding(basis))
+        # an edge and its reverse share r: with pairs (fused path) the filters' input has one row per pair
+        filter_basis = basis if pairs is None else basis.index_select(0, pairs.first)
+        edge_features = nn.functional.silu(self.radial_embedding(filter_basis))
 
         s = self.embedding(species)
         if self.neighbor_embedding is not None:
             s = self.neighbor_embedding(s, species, edge_index, basis, envelope)
         v = s.new_zeros(s.shape[0], 3, s.shape[1])
         for layer in self.layers:
-            s, v = layer(s, v, edge_index, edge_features, envelope, unit, blocks)
+            s, v = layer(s, v, edge_index, edge_features, envelope, unit, blocks, pairs)
         h = self.readout_in(self.readout_norm(s))
         out = self.readout_out(nn.functional.silu(self.readout_hidden(h))).squeeze(-1)
         return out * self.energy_scale

@@ -52,6 +52,9 @@ _SOURCE = CSRC / "int8_kernels.cpp"
 # OpenMP's outlined regions (tried without it 2026-11-28: slower on two threads than on one).
 _CFLAGS = ["-O3", "-ffp-contract=off", *OPENMP_FLAGS]
 _NO_PACK = torch.empty(0, dtype=torch.int8)  # "no packed weight": the GEMM is torch._int_mm
+#: Limbs of the gradient codes of the int8 backward, whatever the activations' (one limb would
+#: cost ~1% of the gradient; ``kGradientLimbs`` in the C++ file).
+GRADIENT_LIMBS = 2
 
 
 #: Up to this reduction width a float32 GEMM of int8 codes (|c| <= 127) is exact: every partial
@@ -316,7 +319,7 @@ class _EagerInt8Linear(torch.autograd.Function):
         else:
             y, clipped = EagerKernels.linear_static_forward(x, step, qmax, w_t, w_scale, bias, limbs, w_packed)
         ctx.save_for_backward(x if clipped else None, w, w_deq, w_scale)  # x only for the STE mask
-        ctx.step, ctx.qmax, ctx.backward_int8, ctx.limbs = step, qmax, backward_int8, limbs
+        ctx.step, ctx.qmax, ctx.backward_int8 = step, qmax, backward_int8
         ctx.w_t_packed = w_t_packed
         return y
 
@@ -336,5 +339,5 @@ class _EagerInt8Linear(torch.autograd.Function):
                 EagerKernels.ste_mask_(gx, x, ctx.step, ctx.qmax)
         else:
             gx = EagerKernels.linear_backward_int8(grad.contiguous(), w_scale, w, x, ctx.step, ctx.qmax, TINY,
-                                                   ctx.limbs, ctx.w_t_packed)
+                                                   GRADIENT_LIMBS, ctx.w_t_packed)
         return (gx,) + (None,) * 12

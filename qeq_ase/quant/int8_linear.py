@@ -34,17 +34,18 @@ Backward (forces): with the straight-through estimator the layer is linear in ``
 ``dL/dx = (g @ W_deq) * mask`` where ``W_deq = W_q * s_w`` and ``mask`` is LSQ's STE mask
 (0 where ``x`` was clipped). ``backward="float"`` uses a cached float copy of
 ``W_deq`` and an fp32 GEMM, exact with respect to the dequantized layer;
-``backward="int8"`` quantizes ``g * s_w`` per row (in as many limbs as the layer's inputs)
-and reuses ``W_q`` (packed transposed for oneDNN) in the int8 GEMM. ``backward="auto"``
-(default) runs the int8 GEMM where no separate quantization pass is needed, and the float
-one elsewhere: where the gradient arrives already quantized (the fused edge kernel writes
-the edge filters' gradient as two-limb int8 codes,
-:func:`qeq_ase.kernels.edge_kernel.filtered_edge_attention`, :meth:`takes_gradient_codes`; the
-``[E, 4F] x [4F, F]`` product, the largest of a call) and, with the brgemm GEMM and two-limb
-inputs, in every layer, whose tiles quantize their rows of ``g * s_w`` themselves
-(``docs/speed.md``).
-Double backward (``create_graph=True``) runs a differentiable float path that gives the
-same second derivatives as the fake-quantized QAT layer (the STE mask has zero derivative).
+``backward="int8"`` quantizes ``g * s_w`` per row in two limbs (whatever the inputs' limbs: one
+would cost ~1% of the gradient) and reuses ``W_q`` (packed transposed for oneDNN) in the int8
+GEMM. ``backward="auto"`` (default) runs the int8 GEMM in every layer whose GEMM is brgemm (its
+tiles quantize their rows of ``g * s_w`` themselves) or an exact ``torch._int_mm`` (VNNI: the
+separate quantization pass costs less than the fp32 GEMM it replaces, ``docs/speed.md``), and
+the float one elsewhere (oneDNN's int8 linear, ``_int_mm`` computed through fp32). The edge
+filters' gradient arrives already quantized: the fused edge kernel writes it as two-limb int8
+codes (:func:`qeq_ase.kernels.edge_kernel.filtered_edge_attention`,
+:meth:`takes_gradient_codes`; the ``[E, 4F] x [4F, F]`` product, the largest of a call).
+Double backward (``create_graph=True``) runs a differentiable float path; with
+``backward="float"`` the second derivatives are those of the fake-quantized QAT layer (the STE
+mask has zero derivative), with the int8 backward they carry its two-limb gradient error.
 
 The int8 GEMMs (``gemm``, :data:`~qeq_ase.quant.int8_kernels.GEMMS`) and the fused C++ kernels
 (``backend``) are those of :mod:`qeq_ase.quant.int8_kernels`; ``layer.kernel`` says what runs.
@@ -68,6 +69,12 @@ from .quantizers import (TINY, LSQQuantizer, MDDQQuantizer, fake_quantize_limbs,
 BACKWARD_KERNELS = ("auto", "float", "int8")
 INPUT_MODES = ("static", "atom")
 ACTIVATION_LIMBS = (1, 2)
+
+
+def auto_backward_is_int8(gemm: str) -> bool:
+    """Whether ``backward="auto"`` runs the int8 input-gradient GEMM in every layer with ``gemm``
+    (a resolved GEMM name): brgemm, or an exact ``torch._int_mm``; else only in the edge filters."""
+    return gemm == "brgemm" or (gemm == "int_mm" and int_mm_is_exact())
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,8 +181,8 @@ class _Int8LinearBase(nn.Module, GradientCodesFilter):
     def kernel(self) -> str:
         """What runs: GEMM, quantize/rescale kernels, backward GEMM (builds the C++ kernels)."""
         backward = ("fp32 GEMM with the dequantized weight" if not self._int8_backward()
-                    else f"torch._int_mm with per-row {'two-limb ' if self.activation_limbs == 2 else ''}int8 gradients")
-        if self.takes_gradient_codes and self.backward_kernel == "auto" and not self._int8_backward():
+                    else "torch._int_mm with per-row two-limb int8 gradients")
+        if self.takes_gradient_codes:
             backward += ("; the int8 GEMM on two-limb int8 gradient codes where a fused kernel hands them over "
                          "(edge filters)")
         gemm = ("torch._int_mm (int8 x int8 -> int32)" if int_mm_is_exact() else
@@ -193,10 +200,12 @@ class _Int8LinearBase(nn.Module, GradientCodesFilter):
 
     def _int8_backward(self) -> bool:
         """Whether the input gradient runs the int8 GEMM: ``backward="int8"``, or ``"auto"`` with
-        two-limb inputs and the brgemm GEMM on this layer's backward product (quantization fused
-        in its tiles; one-limb gradient codes would cost ~1% of the gradient)."""
+        the brgemm GEMM on this layer's backward product (quantization fused in its tiles) or an
+        exact ``torch._int_mm``."""
         if self.backward_kernel == "auto":
-            return self.activation_limbs == 2 and self.gemm == "brgemm" and self._packed_weights()[1].numel() > 0
+            if self.gemm == "brgemm":  # (a product too narrow for it runs _int_mm, and the float backward)
+                return self._packed_weights()[1].numel() > 0
+            return auto_backward_is_int8(self.gemm)
         return self.backward_kernel == "int8"
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -234,10 +243,10 @@ class _Int8LinearBase(nn.Module, GradientCodesFilter):
     def takes_gradient_codes(self) -> bool:
         """Whether a producer of this layer's output gradient may hand it over as int8 codes.
 
-        True for ``backward="auto"`` or ``"int8"`` with two-limb static inputs
-        (:meth:`input_grad_from_codes` is then the int8 backward of ``backward="int8"``).
+        True for ``backward="auto"`` or ``"int8"`` with static inputs (:meth:`input_grad_from_codes`
+        is then the int8 backward of ``backward="int8"``).
         """
-        return self.backward_kernel != "float" and self.activation_limbs == 2 and self.input_mode == "static"
+        return self.backward_kernel != "float" and self.input_mode == "static"
 
     gradient_tiny = TINY
 
@@ -255,7 +264,8 @@ class _Int8LinearBase(nn.Module, GradientCodesFilter):
         codes (:mod:`qeq_ase.kernels.edge_kernel`); the returned values are keyword arguments of that
         kernel.
         """
-        if self.gemm != "brgemm" or not self.takes_gradient_codes or self.bias is not None:
+        if (self.gemm != "brgemm" or not self.takes_gradient_codes or self.activation_limbs != 2
+                or self.bias is not None):
             return None
         w_fwd, w_bwd = self._packed_weights()
         if not (w_fwd.numel() and w_bwd.numel()):

@@ -116,12 +116,11 @@ def set_backward_kernel(model: nn.Module, backward: str) -> nn.Module:
     """Choose the input-gradient GEMM (forces) of every int8 layer of ``model``; returns ``model``.
 
     ``"float"``: fp32 GEMM with the dequantized weight, exact for the straight-through
-    gradient. ``"int8"``: ``g * s_w`` quantized per row in as many limbs as the layer's
-    inputs, then the int8 GEMM with the int8 weight: with two limbs the forces change by less
-    than 1e-4 of their RMS (tested; speed in ``docs/speed.md``). ``"auto"`` (default): the
-    int8 GEMM where it needs no separate quantization pass (the edge filters, whose gradient
-    the fused edge kernel writes as two-limb codes; with the brgemm GEMM and two-limb inputs
-    every layer, whose tiles quantize the gradient rows themselves), the float GEMM elsewhere.
+    gradient. ``"int8"``: ``g * s_w`` quantized per row in two limbs, then the int8 GEMM with
+    the int8 weight: the forces change by less than 1e-4 of their RMS (tested; speed in
+    ``docs/speed.md``). ``"auto"`` (default): the int8 GEMM in every layer whose GEMM is
+    brgemm or an exact ``torch._int_mm`` (the edge filters' gradient comes as two-limb codes
+    from the fused edge kernel), the float GEMM elsewhere.
     """
     if backward not in BACKWARD_KERNELS:
         raise ValueError(f"backward must be one of {BACKWARD_KERNELS}, not {backward!r}")

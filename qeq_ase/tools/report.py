@@ -34,6 +34,7 @@ from ..io.registry import potentials_dir
 from ..kernels.cpu_features import cpu_model_name
 from ..kernels.edge_kernel import default_edge_backend, resolve_edge_backend
 from ..quant.int8_kernels import resolve_gemm
+from ..quant.int8_linear import auto_backward_is_int8
 from .published_rmd17 import PUBLISHED_RMD17, SOURCE
 
 INT8_FORCE_RATIO_BAR = 1.10
@@ -135,8 +136,11 @@ def collect(data_dir: Path, results_json: Path, settings: dict, potentials: Path
                 continue
             sha = file_sha256(path)
             old = cached.get(name, {})
-            # an INT8 file's speed and MD figures also depend on the int8 GEMM it runs
-            own = settings if precision == "fp32" else {**settings, "int8_gemm": resolve_gemm("auto")}
+            # an INT8 file's speed and MD figures also depend on the int8 GEMMs it runs, forward and backward
+            gemm = resolve_gemm("auto")
+            own = settings if precision == "fp32" else {
+                **settings, "int8_gemm": gemm,
+                "int8_backward": "every layer" if auto_backward_is_int8(gemm) else "edge filters"}
             if old.get("sha256") == sha and old.get("settings") == own and not recompute:
                 results[name] = old
                 kept.append((name, path))
@@ -162,7 +166,9 @@ def _fmt(value, digits: int = 1) -> str:
 def render_markdown(results: dict, settings: dict, figure_names: list[str]) -> str:
     """``docs/results.md`` from the measurements."""
     machine = cpu_model_name() or platform.machine()
-    gemms = sorted({r["settings"].get("int8_gemm", "int_mm") for r in results.values() if r["precision"] == "int8"})
+    int8 = [r["settings"] for r in results.values() if r["precision"] == "int8"]
+    gemms = sorted({r.get("int8_gemm", "int_mm") for r in int8})
+    backwards = sorted({r.get("int8_backward", "edge filters") for r in int8})
     lines = [
         "# Results on rMD17 (generated)",
         "",
@@ -205,7 +211,7 @@ def render_markdown(results: dict, settings: dict, figure_names: list[str]) -> s
         f"{settings['temperature_K']:.0f} K from test frame 0; drift is the slope of a line through the "
         f"total energy. Time: median of {settings['speed_calls']} energy + forces calls through the ASE "
         f"calculator on one molecule, {settings['threads']} thread(s); INT8 GEMM {', '.join(gemms) or '–'} "
-        "(`qeq_ase.quant.int8_kernels.GEMMS`).",
+        f"(`qeq_ase.quant.int8_kernels.GEMMS`), int8 input-gradient GEMMs in {', '.join(backwards) or '–'}.",
         "",
         "| molecule | LEE fp32 / INT8 (meV/Å) | NVE drift fp32 / INT8 (meV/atom/ps) | std E fp32 / INT8 (meV) "
         "| size fp32 / INT8 (bytes) | size ratio | ms/call fp32 / INT8 | INT8 speed-up | training epochs / min "

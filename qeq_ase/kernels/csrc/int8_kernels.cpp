@@ -343,12 +343,20 @@ inline void rescale_output_row(const int32_t* a, int64_t m, int64_t N, const Res
   if (p.mx) ste_mask_span(out + m * N, p.mx + m * N, N, p.ms, p.lo, p.hi);
 }
 
+// Outputs of at least this many bytes are written with non-temporal stores.
+constexpr int64_t kStreamingBytes = int64_t{8} << 20;
+
 // Rows [m0, m0 + rows) of the output; acc points at row m0 (limbs = 2: row 2 m0) of an
-// int32 [*, N] block whose rows come in (hi, lo) pairs for two limbs.
-void rescale_rows(const int32_t* acc, int64_t m0, int64_t rows, int64_t N, const RescaleArgs& p, float* out) {
+// int32 [*, N] block whose rows come in (hi, lo) pairs for two limbs. streaming: with
+// non-temporal stores where possible (rescale_row_streaming).
+void rescale_rows(const int32_t* acc, int64_t m0, int64_t rows, int64_t N, const RescaleArgs& p, float* out,
+                  bool streaming = false) {
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, N));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) rescale_output_row(acc + p.limbs * i * N, m0 + i, N, p, out);
+    for (int64_t i = begin; i < end; ++i) rescale_output_row(acc + p.limbs * i * N, m0 + i, N, p, out, streaming);
+#if defined(__AVX512F__)
+    if (streaming) _mm_sfence();
+#endif
   });
 }
 
@@ -497,18 +505,20 @@ void int_mm_out(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
 // _int_mm(codes [L M, K], w [K, N]) then rescale, in blocks of rows whose int32 result
 // (<= 1 MB) stays in L2: the full int32 [L M, N] tensor is never written to memory, which
 // for M x N = 5000 x 640 saves two 12.8 MB passes (and the page faults of a fresh one).
-// With two limbs (interleaved) each block holds whole (hi, lo) pairs.
+// With two limbs (interleaved) each block holds whole (hi, lo) pairs. Outputs of kStreamingBytes
+// and more (the edge filters' [E, 4F]) are written with non-temporal stores.
 at::Tensor gemm_rescale(const at::Tensor& codes, const at::Tensor& w, const RescaleArgs& p) {
   const int64_t L = p.limbs, M = codes.size(0) / L, N = w.size(1);
   auto out = at::empty({M, N}, codes.options().dtype(at::kFloat));
   if (M == 0) return out;
   const int64_t block = std::min<int64_t>(M, std::max<int64_t>(64, (int64_t{1} << 18) / std::max<int64_t>(1, L * N)));
   auto acc = at::empty({L * block, N}, codes.options().dtype(at::kInt));
+  const bool streaming = M * N * static_cast<int64_t>(sizeof(float)) >= kStreamingBytes;
   for (int64_t m0 = 0; m0 < M; m0 += block) {
     const int64_t rows = std::min(block, M - m0);
     auto acc_rows = acc.narrow(0, 0, L * rows);
     int_mm_out(acc_rows, codes.narrow(0, L * m0, L * rows), w);
-    rescale_rows(acc_rows.data_ptr<int32_t>(), m0, rows, N, p, out.data_ptr<float>());
+    rescale_rows(acc_rows.data_ptr<int32_t>(), m0, rows, N, p, out.data_ptr<float>(), streaming);
   }
   return out;
 }
@@ -554,9 +564,6 @@ bool use_brgemm(const c10::optional<at::Tensor>& packed) {
 // so the int32 result is never written to memory, only the float output. 32 rows were faster
 // for outputs up to 384 wide, 16 for wider ones (2 x 32 x 512 int32 spill out of L1).
 inline int64_t brgemm_rows(int64_t N) { return N <= 384 ? 32 : 16; }
-// Outputs of at least this many bytes are written with non-temporal stores.
-constexpr int64_t kStreamingBytes = int64_t{8} << 20;
-
 // rescale(codes [L M, K] (interleaved limbs) x B [K, N]), B packed by pack_vnni, in tiles of
 // brgemm_rows(N) rows spread over the threads.
 at::Tensor brgemm_rescale(const at::Tensor& codes, const at::Tensor& packed, const RescaleArgs& p) {
@@ -719,13 +726,15 @@ at::Tensor linear_backward_int8(const at::Tensor& grad, const at::Tensor& w_scal
 
 // Inputs: x [M, K] float32 (needs grad), w_t [K, N] int8, w [N, K] int8, w_deq [N, K]
 // float32 (W_q * s_w, for the float and the double backward), w_scale [N], bias [N] or an
-// empty tensor. backward_int8 picks the int8 backward GEMM; limbs (1 or 2) the activation
-// codes of the forward GEMM and, with backward_int8, of the gradient in the backward GEMM
-// (the float backward is the same straight-through gradient for both). w_packed /
+// empty tensor. backward_int8 picks the int8 backward GEMM, whose gradient codes always have
+// two limbs (kGradientLimbs: one limb would cost ~1% of the gradient); limbs (1 or 2) the
+// activation codes of the forward GEMM. w_packed /
 // w_t_packed: w and w_t packed for oneDNN (forward / int8 backward GEMM), or empty tensors
 // for torch._int_mm.
 // Double backward (create_graph=True): the backward runs differentiable ATen ops, so the
 // second derivative is that of the STE surrogate clamp(x) @ w_deq.T (linear in grad).
+constexpr int64_t kGradientLimbs = 2;
+
 c10::optional<at::Tensor> packed_or_none(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
@@ -746,7 +755,6 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
     ctx->saved_data["qmax"] = qmax;
     ctx->saved_data["masked"] = clipped;
     ctx->saved_data["backward_int8"] = backward_int8;
-    ctx->saved_data["limbs"] = limbs;
     ctx->saved_data["w_t_packed"] = w_t_packed;
     ctx->save_for_backward({clipped ? x : at::empty({0}, x.options()), w, w_deq, w_scale});
     return y;
@@ -772,7 +780,7 @@ struct Int8LinearFunction : public torch::autograd::Function<Int8LinearFunction>
       if (masked) ste_mask_(gx, x, step, qmax);
     } else {
       gx = linear_backward_int8(grad.contiguous(), w_scale, w, masked ? c10::optional<at::Tensor>(x) : c10::nullopt,
-                                step, qmax, 1e-30, ctx->saved_data["limbs"].toInt(),
+                                step, qmax, 1e-30, kGradientLimbs,
                                 packed_or_none(ctx->saved_data["w_t_packed"].toTensor()));
     }
     torch::autograd::variable_list grads(13);
