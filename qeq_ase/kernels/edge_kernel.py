@@ -312,9 +312,10 @@ class _Int8FilterEdgeAttention(torch.autograd.Function):
                             **{k: ctx.in_kernel[k] for k in ("filter_w", "filter_w_scale", "filter_step",
                                                              "filter_qmax")})
         filt, clipped = layer.forward_no_grad(edge_features)
+        clipped_input = edge_features if clipped else None  # kept for LSQ's STE mask, only when needed
         if pairs is not None:
             filt = pairs.gather(filt)
-        clipped_input = None if not clipped else edge_features if pairs is None else pairs.gather(edge_features)
+            clipped_input = pairs.gather(clipped_input) if clipped else None
         return _forward(ctx, qkv, vin, filt, envelope, unit, scale, csr, normalize, clipped_input)
 
     @staticmethod

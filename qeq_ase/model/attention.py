@@ -139,12 +139,8 @@ class EquivariantAttention(nn.Module):
     def _fused_messages(self, qkv, v_in, edge_features, envelope, unit, blocks: list[EdgeBlock],
                         pairs: EdgePairs | None = None):
         """The fused kernel, block by block of edges (the edge GEMM too, so no [E, 4F] tensor is whole);
-        with ``pairs`` (one block) ``edge_features`` has one row per pair of edges."""
+        with ``pairs`` (only ever one whole block, never sliced) ``edge_features`` has one row per pair."""
         scale = self.logit_scale()
-        if pairs is not None:
-            agg_s, agg_v = filtered_edge_attention(qkv, v_in, edge_features, self.edge_filter, envelope, unit, scale,
-                                                   blocks[0].csr, self.normalize, pairs)
-            return agg_s.to(qkv.dtype), agg_v.to(v_in.dtype)
         agg_s = agg_v = None
         for block in blocks:
             e = block.edges
@@ -152,7 +148,7 @@ class EquivariantAttention(nn.Module):
             if e.start != 0 or e.stop != envelope.shape[0]:  # (not sliced when whole: a slice's backward
                 edge_tensors = tuple(t[e] for t in edge_tensors)  # zero-fills and copies an [E, F] gradient)
             part_s, part_v = filtered_edge_attention(qkv, v_in, edge_tensors[0], self.edge_filter, *edge_tensors[1:],
-                                                     scale, block.csr, self.normalize)
+                                                     scale, block.csr, self.normalize, pairs)
             agg_s = part_s if agg_s is None else agg_s + part_s
             agg_v = part_v if agg_v is None else agg_v + part_v
         return agg_s.to(qkv.dtype), agg_v.to(v_in.dtype)
